@@ -1,0 +1,204 @@
+"""Reading and writing Hugging Face-layout checkpoints: config.json + safetensors (one file, or
+shards listed by `model.safetensors.index.json`), from a directory or a Hub repo id.
+
+Loading follows gpt-fast: build the model on the `meta` device (no memory), then read the
+checkpoint tensor by tensor, cast and move each one, and assign it in place — so peak memory is
+about one copy of the weights (with `quantize="nf4"`, the 4-bit model plus one tensor). A module
+that wants to store a tensor its own way (anita's 4-bit linear quantizes it) defines
+`load_checkpoint_tensor(name, tensor)` and gets it instead of a plain assignment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from anita.errors import AnitaError
+from anita.model.config import LlamaConfig
+from anita.model.llama import Llama, rope_inv_freq
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise AnitaError(f"unsupported dtype {dtype!r}; expected one of float32, bfloat16, float16")
+
+
+def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a Hub repo id, fetched into (or found in) the HF cache.
+
+    huggingface-hub honours HF_HUB_OFFLINE=1 (then only the local cache is used) and HF_HOME.
+    """
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo_id)
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise AnitaError(f"{name}: no such model directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except HFValidationError:
+        raise AnitaError(f"{name}: no such model directory, and not a valid Hub repo id") from None
+    except Exception as e:  # offline, not cached, gated, network down: all mean "can't get it"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise AnitaError(f"{name}: no such model directory, and the Hub could not provide it{hint}: "
+                         f"{type(e).__name__}") from None
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in shard order."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise AnitaError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise AnitaError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    raise AnitaError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Yield (file, key, tensor) one tensor at a time; corrupt files raise `AnitaError`."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield file, key, f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise AnitaError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+
+
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` where parameter or buffer `key` lives, replacing the meta placeholder."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "load_checkpoint_tensor"):
+        module.load_checkpoint_tensor(attr, tensor)
+    elif attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
+    else:
+        module._buffers[attr] = tensor
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | None = None,
+                    quantize_kwargs: dict | None = None) -> Llama:
+    """Build `Llama` from an HF-layout directory or Hub id, one tensor at a time.
+
+    Every expected tensor must be present exactly once with the expected shape; any missing,
+    extra or mis-shaped tensor is an error naming the file and the tensor.
+    `quantize="nf4"` puts anita's 4-bit linears in place first (see `anita.quant.quantize_model`).
+    """
+    dtype = parse_dtype(dtype)
+    model_dir = resolve_model_dir(path)
+    config = LlamaConfig.from_json(model_dir / "config.json")
+    with torch.device("meta"):
+        model = Llama(config)
+    if quantize is not None:
+        if quantize != "nf4":
+            raise AnitaError(f"quantize={quantize!r} is not supported; expected 'nf4' or None")
+        from anita.quant import quantize_model
+
+        quantize_model(model, **(quantize_kwargs or {}))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    seen: set[str] = set()
+    for file, key, tensor in iter_checkpoint(checkpoint_files(model_dir)):
+        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # derived from the config / shared with the embeddings
+        if key not in expected:
+            raise AnitaError(f"{file}: unexpected tensor {key!r} (not part of a {config.num_hidden_layers}-layer Llama)")
+        if key in seen:
+            raise AnitaError(f"{file}: tensor {key!r} appears twice in the checkpoint")
+        if tuple(tensor.shape) != tuple(expected[key]):
+            raise AnitaError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected[key])} from config.json")
+        seen.add(key)
+        assign_tensor(model, key, tensor.to(device=device, dtype=dtype))
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise AnitaError(f"{model_dir}: checkpoint is missing tensor(s) {', '.join(missing[:3])}{more}")
+    model.tie_weights()
+    model.rope_inv_freq = rope_inv_freq(config, device=device)
+    return model.eval()
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split a state dict into consecutive shards of at most `max_shard_bytes` (one tensor may exceed)."""
+    shards, current, size = [], {}, 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def save_pretrained(model: Llama, out_dir, max_shard_size: int = 5 * 2**30, dtype=None) -> None:
+    """Write `config.json` and safetensors (sharded with an index above `max_shard_size` bytes).
+
+    The files are written to a temporary directory beside `out_dir` and moved in at the end,
+    so a failure never leaves a half-written checkpoint behind.
+    """
+    if any(hasattr(m, "load_checkpoint_tensor") for m in model.modules()):
+        raise AnitaError("save_pretrained: the model holds quantized linears; merge adapters into a "
+                         "full-precision model (anita merge) or save the adapter instead")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(parse_dtype(dtype) if dtype else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    config = model.config.to_dict() | {"torch_dtype": str(next(iter(state.values())).dtype).split(".")[-1]}
+    shards = _shards(state, max_shard_size)
+    tmp = Path(tempfile.mkdtemp(prefix=".anita-save-", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        out_dir.mkdir(exist_ok=True)
+        for stale in [out_dir / SINGLE_FILE, out_dir / INDEX_FILE, *out_dir.glob("model-*-of-*.safetensors")]:
+            stale.unlink(missing_ok=True)  # a previous save, perhaps with the other layout
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

