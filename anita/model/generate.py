@@ -64,7 +64,8 @@ def stream_generate(model: Llama, prompts: list[list[int]], max_new_tokens: int 
     B, T = ids.shape
     cache = KVCache(model.config, B, T + max_new_tokens, dtype=model.dtype, device=model.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    logits = model(ids, attention_mask=mask, position_ids=positions, cache=cache)[:, -1]  # (B, V)
+    hidden = model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=cache)  # (B, T, D)
+    logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position's logits are needed
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=model.device)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
@@ -75,7 +76,7 @@ def stream_generate(model: Llama, prompts: list[list[int]], max_new_tokens: int 
             return
         yield [None if d else t for t, d in zip(token.tolist(), done.tolist())]
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # (B, S)
-        logits = model(token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache)[:, -1]
+        logits = model(token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache)[:, -1]  # (B, V)
         next_pos = next_pos + 1
 
 
