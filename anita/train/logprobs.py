@@ -1,0 +1,193 @@
+"""Per-token log-probabilities of labels under a linear LM head, computed chunk by chunk.
+
+SFT and DPO both need log p(label_t | context) = log_softmax(h_t · Wᵀ)[label_t] for the completion
+tokens only. Done naively, the fp32 logits of a batch are a [B, T, V] tensor (for Llama 3's
+V = 128256, 8 × 1024 tokens already take 4 GiB) and autograd keeps it, or its softmax, alive until
+the backward pass. `token_logps` never builds it:
+
+  forward   for each chunk of n tokens: logits = h_chunk · Wᵀ in fp32 ([n, V]), logsumexp, gather the
+            label's logit; keep only the per-token logsumexp.
+  backward  recompute each chunk's logits, softmax p = exp(logits − logsumexp), and use
+            d log p_y / d logits = onehot(y) − p  to accumulate grad_hidden and grad_W.
+
+Only hidden, W, labels and the per-token logsumexp are saved for backward. This is the memory trick
+of fused linear cross-entropy (Liger Kernel, Hsu et al. 2024, arXiv 2410.10989; TRL's chunked
+log-prob kernel), written here as plain PyTorch: one token chunk at a time, full vocabulary per chunk.
+
+Shapes: B batch, T time, D model dim, V vocab, N tokens (B·T), n tokens in one chunk.
+dtypes: hidden and W may be fp32, bf16 or fp16 (the math is fp32) or fp64 (the math is fp64, for
+gradcheck). W is cast to the compute dtype one vocabulary slice at a time, so a bf16 head (tied to
+the embeddings or not) never gets a full fp32 copy.
+"""
+
+import torch
+
+from anita.errors import AnitaError
+
+IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding); their log-prob is 0
+DEFAULT_CHUNK_SIZE = 512  # tokens per chunk: the largest temporary is [chunk, V] fp32 (256 MiB for V = 128256)
+_VOCAB_SLICE = 16384  # rows of W cast to the compute dtype at once when W is stored in another dtype
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """fp32 for half, bf16 and fp32 inputs; fp64 when either input is fp64. Other dtypes raise."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise AnitaError(f"token_logps: `{name}` has dtype {t.dtype}; expected one of {_FLOAT_DTYPES}")
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """logits = h · Wᵀ in h's dtype. h [n, D], weight [V, D] -> [n, V]."""
+    if weight.dtype == h.dtype:
+        return h @ weight.T  # [n, V]
+    logits = h.new_empty(h.shape[0], weight.shape[0])  # [n, V]
+    for v in range(0, weight.shape[0], _VOCAB_SLICE):
+        logits[:, v : v + _VOCAB_SLICE] = h @ weight[v : v + _VOCAB_SLICE].to(h.dtype).T
+    return logits
+
+
+def _project_back(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_h = grad_logits · W in grad_logits' dtype. grad_logits [n, V], weight [V, D] -> [n, D]."""
+    if weight.dtype == grad_logits.dtype:
+        return grad_logits @ weight  # [n, D]
+    grad_h = grad_logits.new_zeros(grad_logits.shape[0], weight.shape[1])  # [n, D]
+    for v in range(0, weight.shape[0], _VOCAB_SLICE):
+        grad_h += grad_logits[:, v : v + _VOCAB_SLICE] @ weight[v : v + _VOCAB_SLICE].to(grad_logits.dtype)
+    return grad_h
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log_softmax(hidden · Wᵀ)[labels] chunk by chunk; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        # hidden [N, D], weight [V, D], labels [N] (IGNORE_INDEX where not scored)
+        dtype = _compute_dtype(hidden, weight)
+        scored = labels != IGNORE_INDEX
+        targets = labels.masked_fill(~scored, 0)  # [N] a valid index everywhere, masked out below
+        logps = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)  # [N]
+        lse = torch.zeros_like(logps)  # [N] log Σ_v exp(logit_v)
+        mean_logits = torch.zeros_like(logps)  # [N] (1/V) Σ_v logit_v, a metric only
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _project(hidden[rows].to(dtype), weight)  # [n, V]
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+            mean_logits[rows] = logits.mean(dim=-1)
+        logps = logps.masked_fill(~scored, 0.0)
+        mean_logits = mean_logits.masked_fill(~scored, 0.0)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(mean_logits)
+        return logps, mean_logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, _grad_mean_logits):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        scored = labels != IGNORE_INDEX
+        targets = labels.masked_fill(~scored, 0)  # [N]
+        g = grad_logps.to(lse.dtype).masked_fill(~scored, 0.0)  # [N] upstream gradient, 0 where ignored
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, D]
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h = hidden[rows].to(lse.dtype)  # [n, D]
+            probs = torch.exp(_project(h, weight) - lse[rows, None])  # [n, V] softmax, recomputed
+            # d(g · log p_y)/d logits = g · (onehot(y) − p)
+            grad_logits = probs.mul_(-g[rows, None])  # [n, V]
+            grad_logits.scatter_add_(1, targets[rows, None], g[rows, None])
+            if need_hidden:
+                grad_hidden[rows] = _project_back(grad_logits, weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, h)  # [V, D] accumulated in the compute dtype
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _check_inputs(hidden, weight, labels, chunk_size) -> None:
+    """Raise AnitaError naming the tensor whose shape, dtype or values do not fit."""
+    if hidden.dim() != 3:
+        raise AnitaError(f"token_logps: `hidden` must be [B, T, D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise AnitaError(
+            f"token_logps: `weight` must be [V, D] with D = {hidden.shape[2]}, got shape {tuple(weight.shape)}"
+        )
+    if labels.shape != hidden.shape[:2] or labels.dtype not in (torch.int64, torch.int32):
+        raise AnitaError(
+            f"token_logps: `labels` must be an integer [B, T] = {tuple(hidden.shape[:2])} tensor, "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= weight.shape[0]))
+    if bad.any():
+        raise AnitaError(
+            f"token_logps: `labels` holds {labels[bad][0].item()}, outside [0, V = {weight.shape[0]}) "
+            f"and not the ignore index {IGNORE_INDEX}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise AnitaError(f"token_logps: `chunk_size` must be a positive int, got {chunk_size!r}")
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_mean_logits: bool = False,
+):
+    """Per-token log p(labels | hidden) under the LM head `weight`, without the full [B, T, V] logits.
+
+    hidden [B, T, D] (final-norm output), weight [V, D] (`lm_head.weight`, possibly tied or bf16),
+    labels [B, T]: labels[b, t] is the token that position t predicts (shift before calling, see
+    `next_token_labels`), IGNORE_INDEX where not scored. Returns [B, T] fp32 (fp64 for fp64 inputs),
+    0 at ignored positions; differentiable w.r.t. hidden and weight.
+
+    With return_mean_logits, also returns the mean over the vocabulary of each position's logits
+    ([B, T], no gradient, 0 at ignored positions) — TRL's `logits/chosen` metric is its average over
+    the completion tokens.
+    """
+    _check_inputs(hidden, weight, labels, chunk_size)
+    B, T, D = hidden.shape
+    logps, mean_logits = _ChunkedTokenLogps.apply(
+        hidden.reshape(B * T, D), weight, labels.reshape(B * T), chunk_size
+    )  # [N], [N]
+    logps, mean_logits = logps.view(B, T), mean_logits.view(B, T)  # [B, T]
+    return (logps, mean_logits) if return_mean_logits else logps
+
+
+def next_token_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the positions that predict them: labels[:, t] = input_ids[:, t + 1].
+
+    input_ids [B, T], loss_mask [B, T] (1 where the token is scored, e.g. completion tokens).
+    Positions whose next token is not scored, and the last position, get IGNORE_INDEX. -> [B, T]
+    """
+    if input_ids.shape != loss_mask.shape or input_ids.dim() != 2:
+        raise AnitaError(
+            f"next_token_labels: `input_ids` {tuple(input_ids.shape)} and `loss_mask` "
+            f"{tuple(loss_mask.shape)} must both be [B, T]"
+        )
+    labels = torch.full_like(input_ids, IGNORE_INDEX)  # [B, T]
+    scored = loss_mask[:, 1:].bool()  # [B, T-1]
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)
+    return labels
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and mean of the per-token log-probs where mask is 1. token_logps [B, T], mask [B, T] -> [B], [B].
+
+    The mean divides by the number of scored tokens (at least 1, so an empty row gives 0, not NaN).
+    """
+    if token_logps.shape != mask.shape or token_logps.dim() != 2:
+        raise AnitaError(
+            f"sequence_logps: `token_logps` {tuple(token_logps.shape)} and `mask` {tuple(mask.shape)} "
+            "must both be [B, T]"
+        )
+    keep = mask.bool()
+    total = torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)  # [B]
+    count = keep.sum(dim=-1).clamp(min=1).to(total.dtype)  # [B]
+    return total, total / count
