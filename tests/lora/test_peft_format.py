@@ -1,0 +1,246 @@
+"""Adapter files in PEFT's format: anita <-> PEFT round trips (LoRA, rsLoRA, DoRA) on tiny models and
+the real SmolLM2, saved PEFT fixtures that keep a check alive without peft, and bad input."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from anita.errors import AnitaError
+from anita.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
+from anita.model import Llama
+from tests.conftest import tiny_model
+from tests.lora.test_model import X, _randomize_adapters
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = {  # variant, anita LoraConfig: plain LoRA, rsLoRA with all linears, DoRA on a tied model
+    "lora": ("llama3", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
+    "rslora": ("llama3.1", dict(r=4, alpha=8, use_rslora=True, target_modules="all-linear")),
+    "dora": ("llama3.2", dict(r=2, alpha=4, use_dora=True)),
+}
+
+
+def _adapted(variant, seed=1, **config):
+    model = tiny_model(variant)
+    apply_lora(model, LoraConfig(**config))
+    _randomize_adapters(model, seed)
+    return model
+
+
+def _hf(checkpoint_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+
+
+# -------------------------------------------------------------------------- file contents
+def test_files_use_peft_names_and_round_trip_in_anita(tmp_path):
+    model = _adapted("llama3.2", r=2, alpha=4, use_dora=True, use_rslora=True)
+    save_adapter(model, tmp_path, base_model_name_or_path="tiny")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "use_rslora", "use_dora", "bias",
+                                   "base_model_name_or_path")} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "use_rslora": True,
+        "use_dora": True, "bias": "none", "base_model_name_or_path": "tiny"}
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(tensors) == 14 * 3
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (2, 64)
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 2)
+    assert tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_magnitude_vector"].shape == (32,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    again = tiny_model("llama3.2")
+    report = load_adapter(again, tmp_path)
+    assert report.wrapped == list(lora_layers(model))
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))
+
+
+def test_partial_targets_are_written_as_full_names(tmp_path):
+    """Only layer 0's q_proj adapted: "q_proj" would select layer 1's too, so full names are written."""
+    model = _adapted("llama3", r=2, target_modules=["layers.0.self_attn.q_proj"])
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+
+
+# ------------------------------------------------------------------- saved PEFT fixtures
+@pytest.mark.parametrize("name, variant", [("peft_rslora", "llama3.1"), ("peft_dora", "llama3.2")])
+def test_adapters_written_by_peft_give_peft_logits(name, variant):
+    """Adapters and logits written by PEFT (tests/lora/make_fixtures.py) for the same tiny checkpoint."""
+    model = tiny_model(variant)
+    report = load_adapter(model, FIXTURES / name)
+    assert len(report.wrapped) == (6 if name == "peft_rslora" else 14)
+    expected = load_file(FIXTURES / "peft_logits.safetensors")[name]
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), expected, atol=1e-4, rtol=0)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.scale == (8 / 2 if name == "peft_rslora" else 4 / 2)  # alpha/√r resp. alpha/r
+
+
+# ------------------------------------------------------------------------ PEFT as oracle
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_peft_loads_what_anita_saves(kind, tiny_checkpoint, tmp_path):
+    peft = pytest.importorskip("peft")
+    variant, config = CONFIGS[kind]
+    model = _adapted(variant, **config)
+    save_adapter(model, tmp_path)
+    hf = peft.PeftModel.from_pretrained(_hf(tiny_checkpoint(variant)), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(X).logits, model(X), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_anita_loads_what_peft_saves(kind, tiny_checkpoint, tmp_path):
+    pytest.importorskip("peft")
+    from tests.lora.make_fixtures import peft_model
+
+    variant, config = CONFIGS[kind]
+    lora = dict(config, lora_alpha=config.pop("alpha"))
+    peft_lm = peft_model(tiny_checkpoint(variant), **lora)
+    peft_lm.save_pretrained(tmp_path)
+    model = Llama.from_pretrained(tiny_checkpoint(variant))
+    load_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), peft_lm(X).logits, atol=1e-4, rtol=0)
+
+
+def test_dora_with_dropout_in_training_equals_peft_layer():
+    """One DoRA layer in training mode with dropout 0.3: PEFT's `lora.Linear` and anita's draw the
+    same mask from the same seed; outputs and the gradients of A, B and m must agree."""
+    peft = pytest.importorskip("peft")
+    from anita.lora import LoraLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 7, bias=False).requires_grad_(False)
+    ours = LoraLinear(base, LoraConfig(r=3, alpha=5, dropout=0.3, use_dora=True)).train()
+    with torch.no_grad():
+        ours.lora_B.weight.normal_()
+        ours.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, 7))
+    config = peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.3, use_dora=True, target_modules=["base"])
+    theirs = peft.tuners.lora.Linear(copy.deepcopy(base), "default", config, r=3, lora_alpha=5,
+                                     lora_dropout=0.3, use_dora=True).train()
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        theirs.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
+    x, g = torch.randn(2, 5, 12), torch.randn(2, 5, 7)
+    torch.manual_seed(3)
+    y_ours = ours(x)
+    torch.manual_seed(3)
+    y_theirs = theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, atol=1e-6, rtol=1e-6)
+    (y_ours * g).sum().backward()
+    (y_theirs * g).sum().backward()
+    for a, b in [(ours.lora_A.weight, theirs.lora_A["default"].weight), (ours.lora_B.weight, theirs.lora_B["default"].weight),
+                 (ours.lora_magnitude_vector, theirs.lora_magnitude_vector["default"].weight)]:
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_smollm2_round_trips_with_peft(smollm2, smollm2_dir, tmp_path):
+    """SmolLM2-135M, rsLoRA + DoRA on q, v, down: an adapter PEFT made loads into anita with PEFT's
+    logits; re-randomised in anita and saved, it loads back into PEFT with anita's logits."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from tests.lora.make_fixtures import peft_model
+
+    ids = torch.tensor([[1, 504, 3458, 282, 260, 1789, 314, 5646, 30]])
+    lora = dict(r=8, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    theirs = peft_model(smollm2_dir, **lora)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(smollm2)  # the session fixture must stay unchanged
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        first = ours(ids)
+        torch.testing.assert_close(first, theirs(ids).logits, atol=1e-4, rtol=0)
+        _randomize_adapters(ours)
+        save_adapter(ours, tmp_path / "anita")
+        again = PeftModel.from_pretrained(_hf(smollm2_dir), tmp_path / "anita").eval()
+        second = ours(ids)
+        torch.testing.assert_close(again(ids).logits, second, atol=1e-4, rtol=0)
+    assert (second - first).abs().max() > 1e-3  # the second adapter really differs
+
+
+# ------------------------------------------------------------------------------ bad input
+def _saved(tmp_path, variant="llama3", **config):
+    model = _adapted(variant, **({"r": 4} | config))
+    save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _edit_config(adapter, **fields):
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+
+
+def _edit_tensors(adapter, edit):
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+BAD = {
+    "missing dir": (lambda a: a.rename(a.parent / "gone"), "no such adapter directory"),
+    "missing config": (lambda a: (a / "adapter_config.json").unlink(), "adapter_config.json: adapter config not found"),
+    "missing weights": (lambda a: (a / "adapter_model.safetensors").rename(a / "adapter_model.bin"),
+                        "adapter weights not found .only safetensors"),
+    "corrupt weights": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+                        "cannot read safetensors file"),
+    "not json": (lambda a: (a / "adapter_config.json").write_text("{r: 4"), "not valid JSON"),
+    "not lora": (lambda a: _edit_config(a, peft_type="IA3"), "peft_type is 'IA3', expected 'LORA'"),
+    "rank pattern": (lambda a: _edit_config(a, rank_pattern={"q_proj": 8}), "rank_pattern=.* is not supported"),
+    "bias": (lambda a: _edit_config(a, bias="all"), "bias='all' is not supported"),
+    "bad alpha": (lambda a: _edit_config(a, lora_alpha=-1), "adapter_config.json: LoraConfig.alpha"),
+    "rank mismatch": (lambda a: _edit_config(a, r=8), r"lora_A.weight' has shape \(4, (\d+)\), expected \(8, \1\) \(r=8"),
+    "dora without flag": (lambda a: _edit_tensors(a, lambda t: t.update(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)})),
+        "DoRA magnitudes for 'model.layers.0.self_attn.q_proj' but adapter_config.json says use_dora=false"),
+    "missing B": (lambda a: _edit_tensors(a, lambda t: t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight")),
+                  "missing tensor 'base_model.model.model.layers.1.mlp.up_proj.lora_B.weight'"),
+    "embedding adapter": (lambda a: _edit_tensors(a, lambda t: t.update(
+        {"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 256)})),
+        "'base_model.model.model.embed_tokens.lora_embedding_A' is not a LoRA tensor anita can load"),
+    "non-linear target": (lambda a: _edit_tensors(a, lambda t: t.update(
+        {"base_model.model.model.norm.lora_A.weight": torch.ones(4, 64)})),
+        "targets 'model.norm': a RMSNorm, not a linear"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_adapter_is_a_clear_error_and_the_model_is_unchanged(case, tmp_path):
+    adapter = _saved(tmp_path)
+    damage, message = BAD[case]
+    damage(adapter)
+    model = tiny_model("llama3")
+    with pytest.raises(AnitaError, match=message):
+        load_adapter(model, adapter)
+    assert not lora_layers(model)
+    assert torch.equal(model(X), tiny_model("llama3")(X))
+
+
+@pytest.mark.parametrize("other, message", [
+    (dict(hidden_size=32), r"lora_[AB].weight' has shape \((4, 32|32, 4)\), expected \((4, 64|64, 4)\)"),
+    (dict(num_hidden_layers=3), r"targets 'model.layers.2.\w+.\w+_proj': no such module in this model"),
+])
+def test_adapter_for_another_architecture_is_refused(other, message, tmp_path):
+    source = tiny_model("llama3", **other)
+    apply_lora(source, LoraConfig(r=4))
+    save_adapter(source, tmp_path)
+    model = tiny_model("llama3")
+    with pytest.raises(AnitaError, match=message):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+
+
+def test_loading_into_a_model_with_lora_and_saving_without_are_refused(tmp_path):
+    adapter = _saved(tmp_path)
+    model = _adapted("llama3", r=4)
+    with pytest.raises(AnitaError, match="already has LoRA layers"):
+        load_adapter(model, adapter)
+    with pytest.raises(AnitaError, match="has no LoRA layers"):
+        save_adapter(tiny_model("llama3"), tmp_path / "empty")
