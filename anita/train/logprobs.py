@@ -10,7 +10,8 @@ the backward pass. `token_logps` never builds it:
   backward  recompute each chunk's logits, softmax p = exp(logits − logsumexp), and use
             d log p_y / d logits = onehot(y) − p  to accumulate grad_hidden and grad_W.
 
-Only hidden, W, labels and the per-token logsumexp are saved for backward. This is the memory trick
+Only positions with a label go through the head at all (a DPO batch's prompts, padding), and only
+their hidden rows, W, labels and the per-token logsumexp are saved for backward. This is the memory trick
 of fused linear cross-entropy (Liger Kernel, Hsu et al. 2024, arXiv 2410.10989; TRL's chunked
 log-prob kernel), written here as plain PyTorch: one token chunk at a time, full vocabulary per chunk.
 
@@ -58,6 +59,13 @@ def _project_back(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return grad_h
 
 
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """log Σ_v exp(logits) per row, [n, V] -> [n], overwriting `logits` (torch.logsumexp would
+    allocate a second [n, V] buffer for exp(logits − max); at V = 128256 that is 256 MiB a chunk)."""
+    peak = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+    return logits.sub_(peak).exp_().sum(dim=-1).log_() + peak.squeeze(1)
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log_softmax(hidden · Wᵀ)[labels] chunk by chunk; see the module docstring for the math."""
 
@@ -73,9 +81,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _project(hidden[rows].to(dtype), weight)  # [n, V]
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+            label_logit = logits.gather(1, targets[rows, None]).squeeze(1)  # [n]
             mean_logits[rows] = logits.mean(dim=-1)
+            lse[rows] = _logsumexp_(logits)  # overwrites logits: no second [n, V] buffer
+            logps[rows] = label_logit - lse[rows]
         logps = logps.masked_fill(~scored, 0.0)
         mean_logits = mean_logits.masked_fill(~scored, 0.0)
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -96,7 +105,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             h = hidden[rows].to(lse.dtype)  # [n, D]
-            probs = torch.exp(_project(h, weight) - lse[rows, None])  # [n, V] softmax, recomputed
+            probs = _project(h, weight).sub_(lse[rows, None]).exp_()  # [n, V] softmax, recomputed in place
             # d(g · log p_y)/d logits = g · (onehot(y) − p)
             grad_logits = probs.mul_(-g[rows, None])  # [n, V]
             grad_logits.scatter_add_(1, targets[rows, None], g[rows, None])
@@ -153,10 +162,15 @@ def token_logps(
     """
     _check_inputs(hidden, weight, labels, chunk_size)
     B, T, D = hidden.shape
+    labels = labels.reshape(B * T)  # [N]
+    # Only scored positions go through the head (DPO's prompts, padding and SFT's masked prompts
+    # skip it); the rest get 0 and no gradient.
+    scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [M]
     logps, mean_logits = _ChunkedTokenLogps.apply(
-        hidden.reshape(B * T, D), weight, labels.reshape(B * T), chunk_size
-    )  # [N], [N]
-    logps, mean_logits = logps.view(B, T), mean_logits.view(B, T)  # [B, T]
+        hidden.reshape(B * T, D)[scored], weight, labels[scored], chunk_size
+    )  # [M], [M]
+    logps = logps.new_zeros(B * T).index_copy(0, scored, logps).view(B, T)  # [B, T]
+    mean_logits = mean_logits.new_zeros(B * T).index_copy(0, scored, mean_logits).view(B, T)
     return (logps, mean_logits) if return_mean_logits else logps
 
 

@@ -201,13 +201,16 @@ class _RecordSizes(TorchDispatchMode):
 
 
 def test_nothing_of_size_btv_is_saved_for_backward():
-    """Only hidden [B·T, D], W [V, D], labels [B·T] and the logsumexp [B·T] are saved; the naive
-    computation saves [B, T, V] tensors (so the hook would catch one)."""
+    """Only the M scored rows of hidden [M, D], W [V, D], and [M]-sized tensors (labels, logsumexp,
+    and the row index, saved by its three uses) are saved; the naive computation saves [B, T, V]
+    tensors (so the hook would catch one)."""
     hidden, weight, labels = _inputs(B, T, D, V)
     naive = _saved_sizes(lambda: _naive(hidden, weight, labels))
     assert max(naive) >= B * T * V
     ours = _saved_sizes(lambda: token_logps(hidden, weight, labels, chunk_size=CHUNK))
-    assert sorted(ours) == sorted([B * T * D, V * D, B * T, B * T])
+    M = int((labels != IGNORE_INDEX).sum())  # only scored positions reach the LM head
+    assert M < B * T
+    assert sorted(ours) == sorted([M * D, V * D] + [M] * 5)
 
 
 def test_no_tensor_of_size_btv_exists_in_forward_or_backward():

@@ -1,0 +1,9 @@
+"""Training: data, the chunked next-token loss, optimizers and schedules, the shared loop with
+gradient accumulation, checkpoints and resume, data parallelism, metrics; `anita sft` on top.
+
+File map: `data.py` (JSONL -> micro-batches, packing), `logprobs.py` (chunked per-token
+log-probs), `loss.py` (SFT loss), `optim.py` (AdamW / 8-bit, schedules), `loop.py` (the loop),
+`checkpoint.py` (run dir, atomic checkpoints, resume), `distributed.py` (torchrun + DDP),
+`metrics.py` (metrics.jsonl, memory, plot), `config.py` (TrainConfig, flags, TOML/YAML),
+`model.py` (base + NF4 + LoRA), `sft.py` (run_sft), `cli.py` (`anita sft`). See docs/training.md.
+"""

@@ -1,0 +1,209 @@
+"""`TrainConfig`: every knob of a training run, one dataclass, read from flags and/or a config file.
+
+The same names work everywhere: the field `lora_r` is the flag `--lora-r` and the key `lora_r`
+(or `lora-r`) in a TOML or YAML file given with `--config`. Flags given on the command line win
+over the file, which wins over the defaults. The defaults are the SFT column of shared/RECIPE.md
+(the authors' QLoRA SFT script); fields marked "not in the recipe" are anita's own choices.
+
+DPO's config (written elsewhere) subclasses `TrainConfig`, so it reuses the loop's fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anita.errors import AnitaError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Fields that may differ between a run and its `--resume`: they do not change the numbers.
+RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress"}
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with its help text (used for `--help` and docs)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- what to train, where
+    model: str | None = _f(None, "HF-layout model directory or Hub id (required)")
+    data: str | None = _f(None, "training JSONL: messages, prompt/completion or text rows (required)")
+    output: str | None = _f(None, "run directory: adapter/, checkpoints/, metrics.jsonl, plot (required)")
+    eval_data: str | None = _f(None, "held-out JSONL, same formats; its loss is logged every --eval-steps")
+    adapter: str | None = _f(None, "PEFT adapter to keep training (e.g. stage 3 continues the DPO adapter), "
+                                   "with its own r, alpha, dropout and targets; default: a fresh LoRA")
+    # ------------------------------------------------------------------ base model and LoRA
+    qlora: bool = _f(False, "load the base linears in 4-bit NF4 (double quantization), i.e. QLoRA")
+    lora_r: int = _f(16, "LoRA rank r")
+    lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with --rslora)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    rslora: bool = _f(False, "rank-stabilised LoRA scale alpha/sqrt(r)")
+    targets: list[str] = _f(ALL_LINEAR, "comma-separated module names to adapt, or all-linear")
+    precision: str = _f("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; not in the recipe's defaults "
+                                "here because CPUs without bf16 units are slow at it)", choices=["fp32", "bf16"])
+    gradient_checkpointing: bool = _f(True, "recompute each block's activations in the backward pass")
+    device: str = _f("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
+    # ------------------------------------------------------------------------------- data
+    max_length: int = _f(8192, "longest sequence in tokens; longer rows are cut at the end")
+    packing: bool = _f(False, "pack several examples into each row (attention never crosses them)")
+    skip_bad_rows: bool = _f(False, "skip and count malformed rows instead of stopping at the first one")
+    # ----------------------------------------------------------------------- optimisation
+    optimizer: str = _f("paged_adamw_8bit", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)",
+                        choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
+    lr: float = _f(2e-4, "peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    scheduler: str = _f("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    warmup_steps: int = _f(100, "linear warm-up steps (ignored when --warmup-ratio is set)")
+    warmup_ratio: float | None = _f(None, "warm-up as a fraction of all steps (rounded up), as in HF")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping; not in the recipe)")
+    batch_size: int = _f(16, "rows per micro-batch (per process)")
+    grad_accum: int = _f(8, "micro-batches accumulated per optimizer step (per process)")
+    epochs: int = _f(1, "passes over the data (ignored when --max-steps is set)")
+    max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs)")
+    seed: int = _f(42, "seed of LoRA init, data order and dropout")
+    chunk_size: int = _f(512, "tokens per chunk of the chunked output-head loss (not in the recipe)")
+    # --------------------------------------------------------------------- run management
+    save_steps: int = _f(100, "write a checkpoint every N optimizer steps (and at the end)")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    eval_steps: int | None = _f(None, "evaluate on --eval-data every N steps (always before and after)")
+    resume: bool = _f(False, "continue the run in --output from its last checkpoint")
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+    def validate(self, source: str = "config") -> "TrainConfig":
+        """Raise AnitaError naming the first field that is missing or out of range."""
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise AnitaError(f"{source}: {name!r} is required (flag --{name.replace('_', '-')})")
+        positive = ("lora_r", "max_length", "batch_size", "grad_accum", "epochs", "chunk_size", "save_steps",
+                    "keep_checkpoints", "max_steps", "eval_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AnitaError(f"{source}: {name!r} must be at least 1, got {value}")
+        for name in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "lora_alpha"):
+            if getattr(self, name) < 0:
+                raise AnitaError(f"{source}: {name!r} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise AnitaError(f"{source}: 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio <= 1:
+            raise AnitaError(f"{source}: 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}")
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                raise AnitaError(f"{source}: {f.name!r} must be one of {', '.join(choices)}, got {value!r}")
+        if not self.targets:
+            raise AnitaError(f"{source}: 'targets' must name at least one module")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------ value checking
+def _field_type(cls, name: str):
+    """The field's type with `| None` removed, and whether None is allowed."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return args[0], True
+    return hint, False
+
+
+def coerce(cls, name: str, value, source: str):
+    """Check (and gently convert) one value for field `name`; errors name the source and field."""
+    kind, optional = _field_type(cls, name)
+    if value is None and optional:
+        return None
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    expected = "a list of strings" if typing.get_origin(kind) is list else kind.__name__
+    raise AnitaError(f"{source}: {name!r} must be {expected}{' or null' if optional else ''}, got {value!r}")
+
+
+def read_config_file(path, cls=TrainConfig) -> dict:
+    """Keys and values of a TOML (.toml) or YAML (.yaml/.yml) config file, checked against `cls`."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnitaError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise AnitaError(f"{path}: not valid TOML ({e})") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise AnitaError(f"{path}: not valid YAML ({e})") from None
+    else:
+        raise AnitaError(f"{path}: config files must end in .toml, .yaml or .yml")
+    if not isinstance(raw, dict):
+        raise AnitaError(f"{path}: expected a table of key = value settings at the top level")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise AnitaError(f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(names))}")
+        values[name] = coerce(cls, name, value, str(path))
+    return values
+
+
+# ---------------------------------------------------------------------------- the flags
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per field (`lora_r` -> `--lora-r`); booleans get `--x/--no-x`. Defaults are
+    suppressed so that `config_from_args` can tell the flags given from those left out."""
+    parser.add_argument("--config", help="TOML or YAML file with the same keys as the flags")
+    for f in dataclasses.fields(cls):
+        kind, _ = _field_type(cls, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, type=str, metavar="A,B,...", **kw)
+        else:
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kw)
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig):
+    """Defaults, then the `--config` file, then the flags given; validated."""
+    values = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in vars(args).items():
+        if name in names:
+            values[name] = coerce(cls, name, value, f"--{name.replace('_', '-')}")
+    return cls(**values).validate(getattr(args, "config", None) or "command line")
+
+
+def differences(a: dict, b: dict, ignore=RESUMABLE_CHANGES) -> list[str]:
+    """Names of the fields whose values differ between two configs (as dicts, e.g. from run.json)."""
+    keys = (set(a) | set(b)) - set(ignore)
+    return sorted(k for k in keys if json.dumps(a.get(k)) != json.dumps(b.get(k)))

@@ -1,0 +1,280 @@
+"""Training data: JSONL rows -> token ids and labels -> (packed) micro-batches.
+
+Row formats are TRL's dataset conventions (huggingface.co/docs/trl/dataset_formats):
+  conversational     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+  prompt-completion  {"prompt": "...", "completion": "..."}, or both as lists of messages
+  language modeling  {"text": "..."}  (continued pre-training, RECIPE.md stage 3)
+Other keys are ignored. Chats are rendered with the checkpoint's chat format
+(`Tokenizer.apply_chat_template`) and only assistant tokens are trained; prompt-completion rows
+train the completion only, found as TRL does: the completion starts where the tokens of the
+prompt alone and of prompt + completion stop agreeing. Plain prompt-completion and text rows get
+the end-of-sequence token appended, as TRL's SFTTrainer does.
+
+Labels are shifted at load time, per example (`labels[t]` is the token position t predicts, or
+IGNORE_INDEX), so that packing never asks the last token of one example to predict the first
+token of the next. Packing puts consecutive examples (of the shuffled order) in one row while they
+fit; positions restart at 0 for each example and a block-diagonal mask keeps attention inside it.
+
+Shapes: B rows per micro-batch, T tokens per row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from anita.errors import AnitaError
+from anita.train.logprobs import IGNORE_INDEX, next_token_labels
+
+ROLES = ("system", "user", "assistant")
+
+
+class BadRow(ValueError):
+    """A malformed row; `load_examples` adds the file and line."""
+
+
+@dataclass
+class Example:
+    input_ids: torch.Tensor  # (T,) long
+    labels: torch.Tensor  # (T,) long, already shifted: labels[t] = input_ids[t+1] or IGNORE_INDEX
+    where: str  # "file:line", for messages about this row
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one file; `summary()` is printed at the start of a run."""
+
+    file: str
+    kept: int = 0
+    skipped_bad: int = 0  # malformed rows skipped because of --skip-bad-rows
+    truncated: int = 0  # rows cut to max_length that still have tokens to train on
+    dropped_truncated: int = 0  # rows whose trained tokens all fell beyond max_length
+    tokens: int = 0
+    trained_tokens: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (f"{self.file}: {self.kept} examples, {self.tokens} tokens ({self.trained_tokens} trained); "
+                f"{self.truncated} truncated to max_length")
+        if self.dropped_truncated:
+            text += f", {self.dropped_truncated} dropped (nothing left to train on after truncation)"
+        if self.skipped_bad:
+            shown = ", ".join(map(str, self.bad_lines[:10])) + (", ..." if len(self.bad_lines) > 10 else "")
+            text += f", {self.skipped_bad} malformed rows skipped (lines {shown})"
+        return text
+
+
+# --------------------------------------------------------------------------- row checks
+def _check_text(row: dict, key: str) -> str:
+    if key not in row:
+        raise BadRow(f"missing field {key!r}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise BadRow(f"field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadRow(f"field {key!r} is empty")
+    return value
+
+
+def _check_messages(messages, key: str, roles=ROLES) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRow(f"field {key!r} must be a non-empty list of {{'role', 'content'}} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRow(f"{key}[{i}] must be an object with 'role' and 'content', got {m!r}")
+        for name in ("role", "content"):
+            if name not in m:
+                raise BadRow(f"{key}[{i}] is missing field {name!r}")
+        if m["role"] not in roles:
+            raise BadRow(f"{key}[{i}] has role {m['role']!r}; expected one of {', '.join(roles)}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise BadRow(f"{key}[{i}] ({m['role']}) has empty or non-string content")
+    return messages
+
+
+def parse_row(line: str) -> tuple[str, dict]:
+    """JSON text -> (format, row) with the format's fields checked; raises BadRow."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = _check_messages(row["messages"], "messages")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadRow("'messages' has no assistant message to train on")
+        return "messages", row
+    if "prompt" in row or "completion" in row:
+        if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+            _check_messages(row.get("prompt"), "prompt")
+            _check_messages(row.get("completion"), "completion", roles=("assistant",))
+            return "chat_completion", row
+        _check_text(row, "prompt"), _check_text(row, "completion")
+        return "completion", row
+    if "text" in row:
+        _check_text(row, "text")
+        return "text", row
+    raise BadRow(f"expected a 'messages', 'prompt' + 'completion' or 'text' field; got {sorted(row)}")
+
+
+# ----------------------------------------------------------------------------- rendering
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def render_row(kind: str, row: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 mask of the tokens to train on (the targets, before shifting)."""
+    if kind == "messages":
+        return tokenizer.apply_chat_template(row["messages"], return_assistant_mask=True)
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if kind == "text":
+        ids = tokenizer.encode(row["text"]) + eos
+        return ids, [1] * len(ids)
+    if kind == "chat_completion":
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"])
+    else:
+        prompt = tokenizer.encode(row["prompt"])
+        ids = tokenizer.encode(row["prompt"] + row["completion"]) + eos
+    start = _common_prefix(prompt, ids)  # where the completion starts (TRL's rule)
+    return ids, [0] * start + [1] * (len(ids) - start)
+
+
+def make_example(ids: list[int], mask: list[int], max_length: int, where: str) -> tuple[Example, bool]:
+    """Cut to `max_length` and shift the mask into labels; returns (example, was_truncated)."""
+    truncated = len(ids) > max_length
+    ids_t = torch.tensor(ids[:max_length], dtype=torch.long)[None]  # (1, T)
+    mask_t = torch.tensor(mask[:max_length], dtype=torch.long)[None]  # (1, T)
+    labels = next_token_labels(ids_t, mask_t)[0]  # (T,)
+    return Example(ids_t[0], labels, where), truncated
+
+
+def load_examples(path, tokenizer, max_length: int, skip_bad_rows: bool = False) -> tuple[list[Example], DataReport]:
+    """Read and render every row of a JSONL file. A malformed row is an AnitaError naming
+    file:line (or, with `skip_bad_rows`, is skipped and counted); a row left with no trained
+    token by truncation is dropped and counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnitaError(f"{path}: no such data file")
+    report, examples = DataReport(str(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing newline) are not rows
+            try:
+                ids, mask = render_row(*parse_row(line), tokenizer)
+            except (BadRow, AnitaError) as e:
+                if not skip_bad_rows:
+                    raise AnitaError(f"{path}:{n}: {e} (or pass --skip-bad-rows to skip such rows)") from None
+                report.skipped_bad += 1
+                report.bad_lines.append(n)
+                continue
+            example, truncated = make_example(ids, mask, max_length, f"{path}:{n}")
+            if example.trained_tokens == 0:
+                report.dropped_truncated += 1
+                continue
+            report.truncated += truncated
+            report.kept += 1
+            report.tokens += len(example.input_ids)
+            report.trained_tokens += example.trained_tokens
+            examples.append(example)
+    if not examples:
+        raise AnitaError(f"{path}: no usable rows ({report.summary()})")
+    return examples, report
+
+
+# ---------------------------------------------------------------------- rows and batches
+def pack_rows(lengths: list[int], order: list[int], max_length: int, packing: bool) -> list[list[int]]:
+    """Group example indices into rows: one per row, or (packing) consecutive examples of
+    `order` while their total length fits in `max_length`."""
+    if not packing:
+        return [[i] for i in order]
+    rows, current, used = [], [], 0
+    for i in order:
+        if current and used + lengths[i] > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return rows + [current] if current else rows
+
+
+def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of examples -> one micro-batch, right-padded to the longest row.
+
+    input_ids, labels, position_ids: (B, T). attention_mask: (B, T) 0/1 when every row holds one
+    example, else the (B, T, T) boolean "same example" mask (block-diagonal; the model adds
+    causality). `num_tokens` counts the real (non-pad) tokens.
+    """
+    T = max(sum(len(e.input_ids) for e in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # which example of the row; -1 = padding
+    for b, row in enumerate(rows):
+        start = 0
+        for s, e in enumerate(row):
+            end = start + len(e.input_ids)
+            input_ids[b, start:end], labels[b, start:end] = e.input_ids, e.labels
+            position_ids[b, start:end] = torch.arange(end - start)  # restarts per example
+            segment[b, start:end] = s
+            start = end
+    if max(len(row) for row in rows) == 1:
+        attention_mask = (segment >= 0).long()  # (B, T)
+    else:
+        attention_mask = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, None, :]  # (B, T, T)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": attention_mask, "num_tokens": torch.tensor(int((segment >= 0).sum()))}
+
+
+class MicroBatches:
+    """The run's deterministic stream of micro-batches, epoch after epoch.
+
+    Epoch e shuffles the examples with seed + e (or keeps file order), groups them into rows
+    (`pack_rows`) and the rows into micro-batches of `batch_size`. Micro-batch i of the stream
+    is micro-batch i - e·per_epoch of epoch e, so "data position" is one integer and a resumed
+    or data-parallel run can find any micro-batch without reading the ones before it.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, max_length: int, packing: bool,
+                 pad_id: int, seed: int = 0, shuffle: bool = True):
+        self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
+        self.packing, self.pad_id, self.seed, self.shuffle = packing, pad_id, seed, shuffle
+        self._lengths = [len(e.input_ids) for e in examples]
+        self._plan_epoch, self._plan = -1, []
+        self.per_epoch = len(self.plan(0))  # micro-batches per epoch
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        """Micro-batches of `epoch` as lists of rows of example indices."""
+        if epoch != self._plan_epoch:
+            n = len(self.examples)
+            order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+                     if self.shuffle else list(range(n)))
+            rows = pack_rows(self._lengths, order, self.max_length, self.packing)
+            self._plan = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(index, self.per_epoch)
+        rows = self.plan(epoch)[i]
+        return collate([[self.examples[j] for j in row] for row in rows], self.pad_id)
+
+    def __len__(self) -> int:
+        return self.per_epoch  # one epoch; indexing past it continues into the next epochs
+
+    def __iter__(self):
+        """The micro-batches of epoch 0 (what evaluation reads)."""
+        return (self[i] for i in range(self.per_epoch))

@@ -1,0 +1,240 @@
+"""The training loop, shared by SFT, continued pre-training and DPO: an explicit loop over
+optimizer steps, each made of gradient-accumulation micro-batches (split over processes when
+run under torchrun).
+
+    for step in steps:
+        micro-batches of this step (this process's share)
+        forward + backward of each: loss_fn(model, batch) -> (loss_sum, count, metrics)
+        gradients /= the step's total count (over micro-batches and processes)
+        clip, stop on a non-finite loss or gradient, optimizer.step(), scheduler.step()
+        log; evaluate every eval_steps; checkpoint every save_steps
+
+The contract with the caller:
+- `loss_fn(model, batch)` returns the loss *summed* over the batch's `count` units (trained
+  tokens for SFT, preference pairs for DPO) and a dict of per-batch mean metrics. Backward runs
+  on the sums and the gradients are divided by the step's total count afterwards, so
+  accumulating k micro-batches on n processes is exactly one big batch: the same mean over the
+  same units, however they were split.
+- `data[i]` is micro-batch i of an endless deterministic stream (a dict of tensors; an optional
+  `num_tokens` entry feeds tokens/s) and `data.per_epoch` its length per epoch, as
+  `anita.train.data.MicroBatches`. Step s uses micro-batches s·k·n ... (s+1)·k·n - 1, and process
+  r takes every n-th of them from the r-th on.
+
+The setup it builds on (optimizer, scheduler, DDP, checkpoints, metrics) lives in the
+neighbouring files, one job each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from anita.errors import AnitaError
+from anita.train import checkpoint as ckpt
+from anita.train.config import TrainConfig
+from anita.train.distributed import DistInfo, all_reduce_sum, maybe_no_sync, wrap_ddp
+from anita.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory_mb, plot_metrics, progress_bar
+from anita.train.optim import build_optimizer, build_scheduler, warmup_steps_for
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+class LossModule(nn.Module):
+    """`loss_fn(model, batch)` as a module, so that DDP sees one forward per micro-batch."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict):
+        return self.loss_fn(self.model, batch)
+
+
+def total_steps(cfg: TrainConfig, per_epoch: int, world_size: int) -> int:
+    """--max-steps, else the whole steps that fit in --epochs (a last partial step is dropped)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_step = cfg.grad_accum * world_size
+    steps = cfg.epochs * per_epoch // per_step
+    if steps < 1:
+        raise AnitaError(f"--data gives {per_epoch} micro-batches per epoch; one optimizer step needs "
+                         f"{per_step} (grad_accum {cfg.grad_accum} x {world_size} processes): lower them or add data")
+    return steps
+
+
+def step_batches(data, step: int, grad_accum: int, info: DistInfo) -> list[dict]:
+    """This process's micro-batches of optimizer step `step`."""
+    first = step * grad_accum * info.world_size
+    return [data[first + j * info.world_size + info.rank] for j in range(grad_accum)]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast for --precision bf16 (the loss stays fp32 inside), else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+# ------------------------------------------------------------------------- one step
+def accumulate(runner: nn.Module, batches: list[dict], cfg: TrainConfig, info: DistInfo):
+    """Forward and backward every micro-batch; returns the all-reduced sums
+    (loss_sum, count, tokens) and the count-weighted metric sums."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    metric_sums: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, info.device)
+        with maybe_no_sync(runner, skip_sync=i < len(batches) - 1), autocast(cfg, info.device):
+            loss_sum, count, metrics = runner(batch)
+        loss_sum.backward()
+        n = float(count)
+        sums += torch.tensor([loss_sum.item(), n, float(batch.get("num_tokens", 0))], dtype=torch.float64)
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * n
+    keys = sorted(metric_sums)
+    reduced = all_reduce_sum(torch.cat([sums, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64)]),
+                             info)
+    return reduced[:3], dict(zip(keys, reduced[3:].tolist()))
+
+
+def finish_gradients(params: list[nn.Parameter], total_count: float, max_grad_norm: float,
+                     info: DistInfo) -> float:
+    """Turn summed gradients into the gradient of the step's mean loss, clip, return the norm.
+
+    DDP already averaged the sums over the n processes, so the factor is n / total count.
+    """
+    scale = info.world_size / max(total_count, 1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    return float(norm)
+
+
+def train_step(runner, data, step: int, params, optimizer, scheduler, cfg: TrainConfig, info: DistInfo) -> dict:
+    """Compute the step's gradients and its record; the update itself is left to the caller,
+    which first checks that they are finite."""
+    start = time.perf_counter()
+    sums, metric_sums = accumulate(runner, step_batches(data, step, cfg.grad_accum, info), cfg, info)
+    loss_sum, count, tokens = sums.tolist()
+    grad_norm = finish_gradients(params, count, cfg.max_grad_norm, info)
+    seconds = time.perf_counter() - start
+    micro_batches = (step + 1) * cfg.grad_accum * info.world_size
+    return {"step": step + 1, "epoch": round(micro_batches / data.per_epoch, 4),
+            "loss": loss_sum / max(count, 1.0), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "tokens_per_s": tokens / seconds, "peak_mem_mb": round(peak_memory_mb(info.device), 1),
+            "tokens": int(tokens), "count": int(count),
+            **{k: v / max(count, 1.0) for k, v in metric_sums.items()}}
+
+
+def check_finite(record: dict, last_checkpoint) -> None:
+    """Stop the run on a non-finite loss or gradient, pointing at the last good checkpoint."""
+    if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+        return
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    raise AnitaError(f"step {record['step']}: non-finite loss ({record['loss']}) or gradient norm "
+                     f"({record['grad_norm']}); training stopped before the update and {where}. "
+                     "Lower --lr, check the data, or use --precision fp32, then --resume")
+
+
+@torch.no_grad()
+def evaluate(module: LossModule, data, cfg: TrainConfig, info: DistInfo) -> tuple[float, dict]:
+    """Mean loss per unit over one pass of `data` (each process takes every n-th micro-batch), and
+    the loss function's metrics averaged the same way (count-weighted; DPO's reward accuracy)."""
+    was_training = module.training
+    module.eval()  # no dropout
+    sums = torch.zeros(2, dtype=torch.float64)
+    metric_sums: dict[str, float] = {}
+    for i in range(info.rank, data.per_epoch, info.world_size):
+        with autocast(cfg, info.device):
+            loss_sum, count, metrics = module(to_device(data[i], info.device))
+        sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * float(count)
+    module.train(was_training)
+    keys = sorted(metric_sums)
+    reduced = all_reduce_sum(torch.cat([sums, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64)]),
+                             info).tolist()
+    count = max(reduced[1], 1.0)
+    return reduced[0] / count, {k: v / count for k, v in zip(keys, reduced[2:])}
+
+
+# ------------------------------------------------------------------------------ the run
+def build_training(model, cfg: TrainConfig, steps: int):
+    """The trainable parameters, optimizer and lr schedule of a run."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    warmup = warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio)
+    return params, optimizer, build_scheduler(optimizer, warmup, steps, cfg.scheduler)
+
+
+def resume_point(out, model, optimizer, scheduler, log: MetricsLog, info: DistInfo):
+    """(first step to run, last checkpoint): from the newest checkpoint, or (0, None)."""
+    last = ckpt.latest_checkpoint(out)
+    step = 0 if last is None else ckpt.load_checkpoint(last, model, optimizer, scheduler, info)
+    if info.is_main:
+        log.truncate_after(step if last is not None else -1)  # later records will be written again
+        if last is not None:
+            print(f"resuming from {last} (step {step})", flush=True)
+    return step, last
+
+
+def save(out, step, model, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, base_model):
+    if not ckpt.adapter_is_finite(model):
+        raise AnitaError(f"step {step}: the adapter holds non-finite weights; not saving it. Lower --lr and --resume")
+    return ckpt.save_checkpoint(out, step, model, optimizer, scheduler, info, cfg.keep_checkpoints, base_model)
+
+
+def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistInfo, out,
+          eval_data=None, base_model: str | None = None) -> list[dict]:
+    """Train the model's trainable parameters; resume from OUTPUT's last checkpoint if there is
+    one. Returns the metrics records of the whole run (also in OUTPUT/metrics.jsonl)."""
+    steps = total_steps(cfg, data.per_epoch, info.world_size)
+    params, optimizer, scheduler = build_training(model, cfg, steps)
+    log = MetricsLog(out / METRICS_FILE)
+    torch.manual_seed(cfg.seed + info.rank)  # dropout; replaced by the checkpoint's RNG on resume
+    start, last = resume_point(out, model, optimizer, scheduler, log, info)
+    module = LossModule(model, loss_fn)
+    runner = wrap_ddp(module, info)
+    module.train()
+    if eval_data is not None and start == 0:
+        _log_eval(module, eval_data, 0, cfg, info, log)
+    bar = progress_bar(steps, start, cfg.progress and info.is_main)
+    for step in range(start, steps):
+        record = train_step(runner, data, step, params, optimizer, scheduler, cfg, info)
+        check_finite(record, last)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if info.is_main:
+            log.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        done = step + 1
+        if eval_data is not None and (done == steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
+            _log_eval(module, eval_data, done, cfg, info, log)
+        if done == steps or done % cfg.save_steps == 0:
+            last = save(out, done, model, optimizer, scheduler, cfg, info, base_model)
+    bar.close()
+    return finish_run(out, last, log, info)
+
+
+def _log_eval(module, eval_data, step, cfg, info, log) -> None:
+    loss, metrics = evaluate(module, eval_data, cfg, info)
+    if info.is_main:
+        log.append({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in metrics.items()}})
+        print(f"step {step}: held-out loss {loss:.4f}", flush=True)
+
+
+def finish_run(out, last, log: MetricsLog, info: DistInfo) -> list[dict]:
+    """OUTPUT/adapter from the last checkpoint, and the plot of the curves (rank 0)."""
+    records = log.read() if info.is_main else []
+    if info.is_main and last is not None:
+        ckpt.export_adapter(last, out)
+        plot_metrics(records, out / PLOT_FILE)
+    return records

@@ -1,0 +1,44 @@
+"""The SFT / continued-pre-training loss: next-token negative log-likelihood of the trained tokens.
+
+    loss = − Σ_t log p(labels_t | tokens_<=t)  over positions with a label,  divided by their count
+
+The per-token log-probs come from `anita.train.logprobs.token_logps`, which applies the output
+head chunk by chunk with fp32 log-softmax, so the (B, T, V) fp32 logits never exist at once
+(the memory trick of fused linear cross-entropy; Liger Kernel, arXiv 2410.10989).
+
+A loss function for `anita.train.loop.train` returns `(loss_sum, count, metrics)`: the loss
+summed over `count` units (here: trained tokens). The loop divides by the total count of the
+whole optimizer step, so gradient accumulation and data parallelism give exactly the mean over
+the big batch (every token weighs the same, however the tokens are split into micro-batches).
+
+Shapes: B batch, T time, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anita.errors import AnitaError
+from anita.train.logprobs import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, token_logps
+
+
+def output_head_weight(model) -> torch.Tensor:
+    """`lm_head.weight` (V, D); refuses a head that is not a plain linear (e.g. adapted by LoRA),
+    whose output the chunked loss would otherwise silently get wrong."""
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise AnitaError(f"chunked loss: lm_head must be a plain bias-free nn.Linear, got {type(head).__name__}; "
+                         "leave lm_head out of the LoRA targets")
+    return head.weight
+
+
+def sft_loss(model, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Summed NLL of the batch's labelled tokens, their count, and no extra metrics."""
+    hidden = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"])  # (B, T, D)
+    # Outside autocast: under bf16 autocast the head's matmul would run in bf16; the loss is fp32.
+    with torch.autocast(hidden.device.type, enabled=False):
+        logps = token_logps(hidden, output_head_weight(model), batch["labels"], chunk_size=chunk_size)  # (B, T)
+    count = (batch["labels"] != IGNORE_INDEX).sum()
+    return -logps.sum(), count, {}

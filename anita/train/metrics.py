@@ -1,0 +1,82 @@
+"""Observability of a run: `metrics.jsonl` (one JSON object per optimizer step or evaluation),
+peak memory, the tqdm progress bar and a PNG of the training curves (matplotlib).
+
+A training record holds step, loss, lr, grad_norm, tokens_per_s and peak_mem_mb (plus whatever
+metrics the loss function adds); an evaluation record holds step and eval_loss. Peak memory is
+`torch.cuda.max_memory_allocated` on CUDA and the process's peak resident set size
+(`getrusage`, the high-water mark since it started) on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training_curves.png"
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, records after the checkpoint's step are dropped (they
+    will be written again)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the records up to and including `step` (rewritten atomically)."""
+        if not self.path.is_file():
+            return
+        kept = [r for r in self.read() if r["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far in MiB: allocated CUDA memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / 2**20 if sys.platform == "darwin" else kib / 2**10
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def plot_metrics(records: list[dict], path) -> None:
+    """Four panels against the step: train and eval loss, learning rate, grad norm, tokens/s."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig = Figure(figsize=(10, 7))
+    fig.subplots_adjust(hspace=0.35, wspace=0.25)  # fixed spacing: a layout engine costs seconds
+    axes = fig.subplots(2, 2).ravel()
+    panels = [("loss", "loss (per trained token)"), ("lr", "learning rate"),
+              ("grad_norm", "gradient norm (before clipping)"), ("tokens_per_s", "tokens / s")]
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    axes[0].legend()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,37 @@
+"""The model being trained: the base checkpoint (in 4-bit NF4 for QLoRA) with LoRA on its linears.
+
+QLoRA (Dettmers et al. 2023, arXiv 2305.14314): the base linears are frozen in NF4 with double
+quantization and compute in the training dtype; only the LoRA matrices (fp32) are trained.
+Shared by SFT and DPO.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anita.lora import LoraConfig, apply_lora, load_adapter
+from anita.model import Llama
+from anita.train.config import TrainConfig
+from anita.train.distributed import DistInfo
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    targets = "all-linear" if cfg.targets == ["all-linear"] else tuple(cfg.targets)
+    return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
+                      use_rslora=cfg.rslora)
+
+
+def load_trainable_model(cfg: TrainConfig, info: DistInfo, adapter: str | None = None):
+    """(model, LoraReport): the base loaded on this process's device, LoRA applied, the rest frozen.
+
+    The LoRA init is seeded with --seed, so every process starts from the same adapter.
+    With `adapter` (a PEFT adapter directory; DPO's --adapter, added for anita.dpo) that adapter is
+    loaded and trained further instead of a fresh one.
+    """
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    quant = {"quantize": "nf4", "quantize_kwargs": {"compute_dtype": dtype}} if cfg.qlora else {}
+    model = Llama.from_pretrained(cfg.model, dtype=dtype, device=info.device, **quant)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    torch.manual_seed(cfg.seed)
+    report = load_adapter(model, adapter) if adapter else apply_lora(model, lora_config(cfg))
+    return model, report

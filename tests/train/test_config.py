@@ -1,0 +1,88 @@
+"""Tests for anita/train/config.py and the `anita sft` flags: a TOML or YAML file and the flags
+set the same fields, flags win over the file, and bad keys or values name the file and field."""
+
+import argparse
+
+import pytest
+
+from anita.errors import AnitaError
+from anita.train.config import ALL_LINEAR, TrainConfig, add_config_arguments, config_from_args
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+REQUIRED = ["--model", "m", "--data", "d.jsonl", "--output", "out"]
+FLAGS = REQUIRED + ["--qlora", "--lora-r", "64", "--lora-alpha", "16", "--rslora", "--targets", "q_proj,v_proj",
+                    "--lr", "5e-5", "--max-steps", "30", "--packing", "--warmup-ratio", "0.1", "--eval-data", "h.jsonl"]
+TOML = """model = "m"
+data = "d.jsonl"
+output = "out"
+qlora = true
+lora-r = 64
+lora_alpha = 16
+rslora = true
+targets = ["q_proj", "v_proj"]
+lr = 5e-5
+max_steps = 30
+packing = true
+warmup_ratio = 0.1
+eval_data = "h.jsonl"
+"""
+YAML = """model: m
+data: d.jsonl
+output: out
+qlora: true
+lora_r: 64
+lora_alpha: 16
+rslora: true
+targets: q_proj,v_proj
+lr: 5.0e-5
+max_steps: 30
+packing: true
+warmup_ratio: 0.1
+eval_data: h.jsonl
+"""
+
+
+def test_flags_toml_and_yaml_give_the_same_config(tmp_path):
+    (tmp_path / "c.toml").write_text(TOML)
+    (tmp_path / "c.yaml").write_text(YAML)
+    from_flags = parse(FLAGS)
+    assert from_flags == parse(["--config", str(tmp_path / "c.toml")]) == parse(["--config", str(tmp_path / "c.yaml")])
+    cfg = from_flags
+    assert (cfg.lora_r, cfg.targets, cfg.max_steps, cfg.qlora) == (64, ["q_proj", "v_proj"], 30, True)
+    assert from_flags.batch_size == 16 and from_flags.grad_accum == 8  # the recipe's defaults stay
+    assert TrainConfig().targets == ALL_LINEAR
+
+
+def test_flags_override_the_file(tmp_path):
+    (tmp_path / "c.toml").write_text(TOML)
+    cfg = parse(["--config", str(tmp_path / "c.toml"), "--lora-r", "8", "--no-packing"])
+    assert (cfg.lora_r, cfg.packing, cfg.lr) == (8, False, 5e-5)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('model = "m"\nlearning_rate = 1e-4\n', "unknown key 'learning_rate'"),
+    ('model = "m"\nlora_r = "sixteen"\n', "'lora_r' must be int"),
+    ('model = "m"\npacking = 1\n', "'packing' must be bool"),
+    ('model = "m\n', "not valid TOML"),
+])
+def test_bad_config_file_names_file_and_key(tmp_path, text, message):
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(AnitaError, match=rf"c\.toml: .*{message}"):
+        parse(["--config", str(tmp_path / "c.toml")])
+
+
+def test_missing_and_out_of_range_values():
+    with pytest.raises(AnitaError, match="'data' is required"):
+        parse(["--model", "m"])
+    with pytest.raises(AnitaError, match="'grad_accum' must be at least 1"):
+        parse(REQUIRED + ["--grad-accum", "0"])
+    with pytest.raises(AnitaError, match="'lora_dropout' must be in"):
+        parse(REQUIRED + ["--lora-dropout", "1.5"])
+    with pytest.raises(SystemExit):  # argparse rejects an unknown choice itself
+        parse(REQUIRED + ["--optimizer", "sgd"])

@@ -1,0 +1,149 @@
+"""Tests for anita/train/data.py: rendering of the three row formats, bad rows, truncation,
+packing and collation.
+
+The byte tokenizer of tests/train/conftest.py makes expected ids hand-derivable: a string's ids
+are its UTF-8 bytes, specials are 256 (<|begin_of_text|>), 257 (<|end_of_text|>, also eos and
+pad), 258/259 (header start/end) and 260 (<|eot_id|>).
+"""
+
+import re
+
+import pytest
+import torch
+
+from anita.errors import AnitaError
+from anita.train.data import MicroBatches, collate, load_examples, make_example, pack_rows
+from anita.train.logprobs import IGNORE_INDEX as X
+from tests.train.conftest import write_jsonl
+
+BOT, EOS, SH, EH, EOT = 256, 257, 258, 259, 260
+
+
+def ids(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def test_messages_train_only_the_assistant_turn(tmp_path, byte_tokenizer):
+    """Llama 3 format: BOT, header(user), "hi", EOT, header(assistant), "yo", EOT. The labels are
+    the next tokens where those are assistant tokens ("yo" and its EOT), -100 elsewhere."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}])
+    [ex], report = load_examples(path, byte_tokenizer, max_length=100)
+    header = lambda role: [SH] + ids(role) + [EH] + ids("\n\n")  # noqa: E731
+    want = [BOT] + header("user") + ids("hi") + [EOT] + header("assistant") + ids("yo") + [EOT]
+    assert ex.input_ids.tolist() == want
+    n = len(want)
+    assert ex.labels.tolist() == [X] * (n - 4) + [ord("y"), ord("o"), EOT, X]
+    assert (report.kept, report.trained_tokens, report.tokens) == (1, 3, n)
+
+
+def test_prompt_completion_and_text_rows(tmp_path, byte_tokenizer):
+    """Prompt-completion: the completion and the appended eos are trained, the prompt is not.
+    Text: every token is trained (each position predicts the next), eos appended."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2+2=", "completion": "4"}, {"text": "abc"}])
+    [pc, text], _ = load_examples(path, byte_tokenizer, max_length=100)
+    assert pc.input_ids.tolist() == ids("2+2=4") + [EOS]
+    assert pc.labels.tolist() == [X, X, X, ord("4"), EOS, X]
+    assert text.input_ids.tolist() == ids("abc") + [EOS]
+    assert text.labels.tolist() == [ord("b"), ord("c"), EOS, X]
+
+
+def test_conversational_prompt_completion(tmp_path, byte_tokenizer):
+    row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    [ex], _ = load_examples(write_jsonl(tmp_path / "d.jsonl", [row]), byte_tokenizer, max_length=100)
+    trained = ex.labels[ex.labels != X].tolist()
+    assert trained == ids("yo") + [EOT]
+
+
+BAD_ROWS = [
+    ('{"messages": [', "not valid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ({"prompt": "only a prompt"}, "missing field 'completion'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}, "has role 'robot'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no assistant message"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "missing field 'content'"),
+    ({"text": 5}, "must be a string"),
+    ({"question": "q", "answer": "a"}, "expected a 'messages', 'prompt' + 'completion' or 'text' field"),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD_ROWS)
+def test_bad_row_is_an_error_naming_file_and_line(tmp_path, byte_tokenizer, row, message):
+    good = {"text": "ok"}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, "", good, row, good])  # the bad row is on line 4
+    with pytest.raises(AnitaError, match=rf"d\.jsonl:4: .*{re.escape(message)}"):
+        load_examples(path, byte_tokenizer, max_length=100)
+
+
+def test_skip_bad_rows_skips_and_counts(tmp_path, byte_tokenizer):
+    rows = [{"text": "ok"}] + [r for r, _ in BAD_ROWS] + [{"text": "fine"}]
+    examples, report = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer, 100, skip_bad_rows=True)
+    assert len(examples) == 2
+    assert report.skipped_bad == len(BAD_ROWS)
+    assert report.bad_lines == list(range(2, 2 + len(BAD_ROWS)))
+    assert f"{len(BAD_ROWS)} malformed rows skipped" in report.summary()
+
+
+def test_truncation_drops_rows_left_with_nothing_to_train(tmp_path, byte_tokenizer):
+    """max_length 6: "2+2=4"+eos (6 tokens) fits; a 10-byte prompt leaves only prompt tokens and
+    is dropped; a long text is cut but still trained."""
+    rows = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "0123456789", "completion": "x"},
+            {"text": "abcdefghij"}]
+    examples, report = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer, max_length=6)
+    assert [len(e.input_ids) for e in examples] == [6, 6]
+    assert (report.kept, report.dropped_truncated, report.truncated) == (2, 1, 1)
+    assert "1 dropped" in report.summary()
+    assert examples[1].labels.tolist() == ids("bcdef") + [X]  # the cut row's last token predicts nothing
+
+
+def test_file_of_only_unusable_rows_is_an_error(tmp_path, byte_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "0123456789", "completion": "x"}])
+    with pytest.raises(AnitaError, match="no usable rows"):
+        load_examples(path, byte_tokenizer, max_length=4)
+    with pytest.raises(AnitaError, match="no such data file"):
+        load_examples(tmp_path / "missing.jsonl", byte_tokenizer, max_length=4)
+
+
+def test_pack_rows_keeps_order_and_respects_max_length():
+    lengths = [3, 4, 2, 5, 1]
+    assert pack_rows(lengths, [0, 1, 2, 3, 4], 6, packing=False) == [[0], [1], [2], [3], [4]]
+    assert pack_rows(lengths, [0, 1, 2, 3, 4], 6, packing=True) == [[0], [1, 2], [3, 4]]
+    assert pack_rows(lengths, [4, 3, 2, 1, 0], 7, packing=True) == [[4, 3], [2, 1], [0]]
+
+
+def test_collate_packed_rows_restart_positions_and_block_attention():
+    a, _ = make_example([1, 2, 3], [0, 1, 1], 10, "a")
+    b, _ = make_example([4, 5], [1, 1], 10, "b")
+    c, _ = make_example([6, 7, 8, 9], [0, 0, 1, 1], 10, "c")
+    batch = collate([[a, b], [c]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert batch["labels"].tolist() == [[2, 3, X, 5, X], [X, 8, 9, X, X]]  # a's last token never predicts b's first
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["num_tokens"].item() == 9
+    m = batch["attention_mask"]
+    assert m.shape == (2, 5, 5) and m.dtype == torch.bool
+    assert m[0].int().tolist() == [[1, 1, 1, 0, 0]] * 3 + [[0, 0, 0, 1, 1]] * 2
+    assert m[1, :4].int().tolist() == [[1, 1, 1, 1, 0]] * 4 and not m[1, 4].any()  # padding attends nothing
+
+
+def test_collate_unpacked_rows_use_a_padding_mask():
+    a, _ = make_example([1, 2, 3], [1, 1, 1], 10, "a")
+    b, _ = make_example([4], [1], 10, "b")
+    batch = collate([[a], [b]], pad_id=0)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[2, 3, X], [X, X, X]]
+
+
+def test_micro_batch_stream_is_deterministic_and_reshuffled_per_epoch():
+    examples = [make_example([i, i + 1], [1, 1], 10, str(i))[0] for i in range(6)]
+    stream = MicroBatches(examples, batch_size=2, max_length=10, packing=False, pad_id=0, seed=3)
+    again = MicroBatches(examples, batch_size=2, max_length=10, packing=False, pad_id=0, seed=3)
+    assert stream.per_epoch == 3
+    epoch0 = [stream[i]["input_ids"][:, 0].tolist() for i in range(3)]
+    epoch1 = [stream[i]["input_ids"][:, 0].tolist() for i in range(3, 6)]
+    assert sorted(sum(epoch0, [])) == sorted(sum(epoch1, [])) == list(range(6))  # each epoch sees all
+    assert epoch0 != epoch1
+    assert [again[i]["input_ids"][:, 0].tolist() for i in (4, 0)] == [epoch1[1], epoch0[0]]  # random access
+    in_order = MicroBatches(examples, 2, 10, False, 0, shuffle=False)
+    assert [b["input_ids"][:, 0].tolist() for b in in_order] == [[0, 1], [2, 3], [4, 5]]

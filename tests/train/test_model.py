@@ -1,0 +1,64 @@
+"""Tests for anita/train/model.py: the QLoRA model (NF4 base + LoRA) that the loop trains, and
+bf16 autocast on it."""
+
+import torch
+
+from anita.lora import LoraLinear, lora_parameters
+from anita.quant import Linear4bit
+from anita.train.config import TrainConfig
+from anita.train.data import collate, make_example
+from anita.train.distributed import DistInfo
+from anita.train.loop import autocast
+from anita.train.loss import sft_loss
+from anita.train.model import load_trainable_model
+
+
+def _cfg(model_dir, **kw):
+    return TrainConfig(model=str(model_dir), data="d", output="o", **{"lora_r": 2, "lora_alpha": 4, **kw})
+
+
+def test_qlora_model_has_4bit_bases_and_only_lora_trainable(tiny_run_model):
+    model, report = load_trainable_model(_cfg(tiny_run_model, qlora=True), DistInfo())
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 14 == len(report.wrapped)  # 7 projections x 2 layers
+    assert all(isinstance(m.base_layer, Linear4bit) for m in layers)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(model)}
+    assert model.gradient_checkpointing  # the recipe's default
+    again, _ = load_trainable_model(_cfg(tiny_run_model, qlora=True), DistInfo())
+    for a, b in zip(lora_parameters(model), lora_parameters(again)):
+        assert torch.equal(a, b)  # seeded init: every process starts from the same adapter
+
+
+def test_bf16_autocast_loss_is_fp32_and_close_to_fp32(tiny_run_model):
+    """The same QLoRA batch in bf16 autocast and in fp32: the loss is an fp32 number either way
+    and the two agree to bf16 precision (relative 1e-2)."""
+    example, _ = make_example(list(range(40, 80)), [0] * 20 + [1] * 20, 64, "x")
+    batch = collate([[example]], pad_id=0)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _cfg(tiny_run_model, qlora=True, precision=precision)
+        model, _ = load_trainable_model(cfg, DistInfo())
+        with autocast(cfg, torch.device("cpu")):
+            loss_sum, count, _ = sft_loss(model, batch)
+        loss_sum.backward()
+        assert loss_sum.dtype == torch.float32
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_parameters(model))
+        losses[precision] = loss_sum.item() / count.item()
+    assert abs(losses["bf16"] - losses["fp32"]) < 1e-2 * losses["fp32"]
+
+
+def test_training_can_continue_a_saved_adapter(tiny_run_model, tmp_path):
+    """--adapter (stage 3 continuing an earlier stage): the adapter's weights and settings come
+    back, trainable, instead of a fresh LoRA from the --lora-* flags."""
+    from anita.lora import lora_state_dict, save_adapter
+
+    first, _ = load_trainable_model(_cfg(tiny_run_model), DistInfo())
+    for p in lora_parameters(first):
+        p.data.normal_(0, 0.1)
+    save_adapter(first, tmp_path / "adapter")
+    again, report = load_trainable_model(_cfg(tiny_run_model, lora_r=8), DistInfo(), adapter=tmp_path / "adapter")
+    assert report.trainable == sum(p.numel() for p in lora_parameters(first))  # r=2 from the file, not 8
+    want, got = lora_state_dict(first), lora_state_dict(again)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert all(p.requires_grad for p in lora_parameters(again))
