@@ -23,3 +23,13 @@ __all__ = [
     "implicit_rewards",
     "sft_loss",
 ]
+
+# The DPO loop on the shared training loop: preference data (`data.py`), the reference model three
+# ways (`reference.py`), the step and its metrics (`trainer.py`), `anita dpo` (`cli.py`).
+from anita.dpo.data import PreferenceBatches, PreferenceData, read_preferences  # noqa: E402
+from anita.dpo.reference import (AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree,  # noqa: E402
+                                 precompute_reference)
+from anita.dpo.trainer import DPOObjective, DPOSettings, concatenated_logps, dpo_step  # noqa: E402
+
+__all__ += ["PreferenceBatches", "PreferenceData", "read_preferences", "AdaptersOff", "FrozenAdapter", "Precomputed",
+            "ReferenceFree", "precompute_reference", "DPOObjective", "DPOSettings", "concatenated_logps", "dpo_step"]

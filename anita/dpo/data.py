@@ -1,0 +1,274 @@
+"""Preference data for DPO: JSONL rows {"prompt", "chosen", "rejected"} -> token ids -> [chosen; rejected] batches.
+
+Row formats (TRL's preference-dataset conventions, huggingface.co/docs/trl "Dataset formats"):
+- standard: prompt, chosen and rejected are strings. The prompt becomes one user message and each
+  answer one assistant message, so every row is rendered with the checkpoint's chat format.
+- conversational: prompt is a list of {"role", "content"} messages (system, user, earlier turns),
+  chosen and rejected are lists of assistant messages.
+
+Tokenizing (TRL 1.16 `DPOTrainer._prepare_dataset`): the prompt is rendered with the generation
+prompt, prompt + answer without it; an answer's ids are the ids of prompt + answer after their
+common prefix with the prompt's ids, so each answer ends with the chat format's end-of-turn marker.
+
+Truncation (TRL's `tokenize_row` before v0.20, truncation_mode="keep_start"): when the prompt plus
+the longer answer exceeds `max_length`, the prompt keeps its first `max_prompt_length` tokens; if
+that is still too long, each answer keeps its first `max_length - len(prompt)` tokens (TRL cut to
+`max_length - max_prompt_length`, which wastes the budget of a short prompt). A row where no answer
+token would survive is dropped, counted and reported, never trained on silently.
+
+Batches follow TRL's `DataCollatorForPreference`: B pairs become 2B right-padded rows, the B
+prompt+chosen rows first, then the B prompt+rejected rows, with a completion mask (1 on answer tokens).
+
+Shapes: B batch (pairs), T time (tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from anita.errors import AnitaError
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One tokenized row. `line` is its 1-based line in the source file (for messages)."""
+
+    line: int
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+
+
+@dataclass
+class PreferenceData:
+    """The kept pairs of one file and what happened to the others."""
+
+    path: str
+    pairs: list[PreferencePair] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason): bad rows skipped on request
+    dropped: list[int] = field(default_factory=list)  # lines whose answers could not keep one token
+    truncated: int = 0  # kept rows whose prompt or answers were cut
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def summary(self) -> str:
+        text = f"{self.path}: {len(self.pairs)} preference pairs ({self.truncated} truncated)"
+        if self.dropped:
+            text += f", {len(self.dropped)} dropped: no answer token fits max_length (lines {_some(self.dropped)})"
+        if self.skipped:
+            text += f", {len(self.skipped)} bad rows skipped (lines {_some([n for n, _ in self.skipped])})"
+        return text
+
+    def fingerprint(self) -> str:
+        """sha256 of every kept pair's token ids, in order: names this exact tokenized data set."""
+        h = hashlib.sha256()
+        for p in self.pairs:
+            h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        return h.hexdigest()
+
+
+def _some(lines: list[int], n: int = 5) -> str:
+    return ", ".join(map(str, lines[:n])) + (", ..." if len(lines) > n else "")
+
+
+# ------------------------------------------------------------------------------------ rows
+def _as_messages(value, name: str, role: str) -> list[dict]:
+    """A string becomes one message of `role`; a list must hold {"role", "content"} string dicts."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"field {name!r} must be a string or a non-empty list of messages, got {value!r:.60}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"field {name!r}: message {i} must be a dict with string 'role' and 'content', "
+                             f"got {m!r:.60}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _answer(row: dict, name: str) -> list[dict]:
+    """The assistant messages of `chosen` or `rejected`; empty answers are refused."""
+    messages = _as_messages(row[name], name, "assistant")
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            raise ValueError(f"field {name!r}: message {i} has role {m['role']!r}; answers hold assistant "
+                             "messages only (put earlier turns in 'prompt')")
+    if not any(m["content"].strip() for m in messages):
+        raise ValueError(f"field {name!r} is empty")
+    return messages
+
+
+def parse_row(text: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """One JSONL line -> (prompt, chosen, rejected) messages. Raises ValueError saying what is wrong."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object with fields {', '.join(FIELDS)}, got {type(row).__name__}")
+    missing = [f for f in FIELDS if f not in row]
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r} (a preference row needs {', '.join(FIELDS)})")
+    prompt = _as_messages(row["prompt"], "prompt", "user")
+    if not any(m["content"].strip() for m in prompt):
+        raise ValueError("field 'prompt' is empty")
+    chosen, rejected = _answer(row, "chosen"), _answer(row, "rejected")
+    if chosen == rejected:
+        raise ValueError("'chosen' and 'rejected' are identical; a preference needs two different answers")
+    return prompt, chosen, rejected
+
+
+# ------------------------------------------------------------------------------- tokenize
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict]):
+    """Token ids (prompt, chosen, rejected) of one row in the checkpoint's chat format.
+
+    As TRL 1.16 does, the answers are read off the rendered prompt + answer after its common
+    prefix with the rendered prompt (which ends with the generation prompt).
+    """
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    full_chosen = tokenizer.apply_chat_template(prompt + chosen)
+    full_rejected = tokenizer.apply_chat_template(prompt + rejected)
+    n = min(_common_prefix(prompt_ids, full_chosen), _common_prefix(prompt_ids, full_rejected))
+    return prompt_ids[:n], full_chosen[n:], full_rejected[n:]
+
+
+def truncate_pair(prompt, chosen, rejected, max_length: int, max_prompt_length: int | None):
+    """TRL's keep_start truncation (see the module docstring). -> (prompt, chosen, rejected) or None.
+
+    None means that not even one token of each answer fits in `max_length`: the row is dropped.
+    """
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length and max_prompt_length is not None:
+        prompt = prompt[:max_prompt_length]  # keep the start of the prompt budget
+    budget = max_length - len(prompt)
+    if budget < 1 or not chosen or not rejected:
+        return None
+    return prompt, chosen[:budget], rejected[:budget]
+
+
+def check_lengths(max_length: int, max_prompt_length: int | None) -> None:
+    if not isinstance(max_length, int) or max_length < 2:
+        raise AnitaError(f"max_length must be an integer >= 2, got {max_length!r}")
+    ok = isinstance(max_prompt_length, int) and 1 <= max_prompt_length < max_length
+    if max_prompt_length is not None and not ok:
+        raise AnitaError(f"max_prompt_length must be an integer in [1, max_length = {max_length}) so that the "
+                         f"answers keep at least one token, got {max_prompt_length!r}")
+
+
+def read_preferences(path, tokenizer, *, max_length: int = 1024, max_prompt_length: int | None = None,
+                     skip_bad_rows: bool = False) -> PreferenceData:
+    """Read, check, render, tokenize and truncate a preference JSONL file.
+
+    A bad row (bad JSON, missing field, empty or identical answers, ...) raises `AnitaError` naming
+    `file:line`, or with `skip_bad_rows` is skipped and listed in `PreferenceData.skipped`. Blank
+    lines are ignored. Rows whose answers cannot keep one token are listed in `dropped`.
+    """
+    check_lengths(max_length, max_prompt_length)
+    path = Path(path)
+    if not path.is_file():
+        raise AnitaError(f"{path}: no such preference data file")
+    data = PreferenceData(str(path))
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                prompt, chosen, rejected = parse_row(text)
+                ids = tokenize_pair(tokenizer, prompt, chosen, rejected)
+            except (ValueError, AnitaError) as e:
+                if not skip_bad_rows:
+                    raise AnitaError(f"{path}:{line}: {e}") from None
+                data.skipped.append((line, str(e)))
+                continue
+            kept = truncate_pair(*ids, max_length, max_prompt_length)
+            if kept is None:
+                data.dropped.append(line)
+                continue
+            data.truncated += tuple(map(len, kept)) != tuple(map(len, ids))
+            data.pairs.append(PreferencePair(line, *(tuple(x) for x in kept)))
+    if not data.pairs:
+        raise AnitaError(f"{path}: no usable preference pairs ({data.summary()})")
+    return data
+
+
+# --------------------------------------------------------------------------------- collate
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, indices: list[int] | None = None) -> dict:
+    """B pairs -> the concatenated batch of TRL's DataCollatorForPreference, right-padded.
+
+    input_ids [2B, T] (rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected), attention_mask
+    [2B, T] (1 on real tokens), completion_mask [2B, T] (1 on answer tokens), and `index` [B]: each
+    pair's position in its data set (it keys precomputed reference log-probs), 0..B-1 if not given;
+    `num_tokens`, the real tokens (for the loop's tokens/s).
+    """
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    T = max(len(prompt) + len(answer) for prompt, answer in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [2B, T]
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)  # [2B, T]
+    completion_mask = torch.zeros(len(rows), T, dtype=torch.long)  # [2B, T]
+    for i, (prompt, answer) in enumerate(rows):
+        n, m = len(prompt), len(answer)
+        input_ids[i, : n + m] = torch.tensor(prompt + answer, dtype=torch.long)
+        attention_mask[i, : n + m] = 1
+        completion_mask[i, n : n + m] = 1
+    index = torch.tensor(indices if indices is not None else range(len(pairs)), dtype=torch.long)  # [B]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            "index": index, "num_tokens": attention_mask.sum()}
+
+
+class PreferenceBatches:
+    """The run's deterministic stream of DPO micro-batches, with the contract of the shared loop's
+    `anita.train.data.MicroBatches`: `batches[i]` is micro-batch i of the endless stream (epoch
+    e = i // per_epoch, its pairs shuffled with seed + e, or in file order), `per_epoch` the
+    micro-batches per epoch, iteration gives epoch 0.
+
+    With `ref_logps` = (chosen [N], rejected [N]), precomputed reference log-probs indexed like
+    `data.pairs`, each batch also carries its pairs' `ref_chosen_logps` and `ref_rejected_logps` [B].
+    """
+
+    def __init__(self, data: PreferenceData, batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
+                 ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if ref_logps is not None and any(len(t) != len(data.pairs) for t in ref_logps):
+            raise AnitaError(f"{data.path}: {len(data.pairs)} pairs but the reference log-prob table has "
+                             f"{len(ref_logps[0])} rows")
+        self.pairs, self.batch_size, self.pad_id = data.pairs, batch_size, pad_id
+        self.seed, self.shuffle, self.ref_logps = seed, shuffle, ref_logps
+        self.per_epoch = -(-len(self.pairs) // batch_size)  # the last batch may be smaller
+        self._epoch, self._order = -1, []
+
+    def order(self, epoch: int) -> list[int]:
+        """The pair indices of `epoch`, in the order they are batched."""
+        if epoch != self._epoch:
+            n = len(self.pairs)
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
+            self._epoch = epoch
+        return self._order
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(index, self.per_epoch)
+        indices = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        batch = collate_pairs([self.pairs[j] for j in indices], self.pad_id, indices)
+        if self.ref_logps is not None:
+            batch["ref_chosen_logps"] = self.ref_logps[0][indices]  # [B]
+            batch["ref_rejected_logps"] = self.ref_logps[1][indices]  # [B]
+        return batch
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def __iter__(self):
+        return (self[i] for i in range(self.per_epoch))
