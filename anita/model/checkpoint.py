@@ -85,12 +85,20 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Yield (file, key, tensor) one tensor at a time; corrupt files raise `AnitaError`."""
+    """Yield (file, key, tensor) one tensor at a time; corrupt files raise `AnitaError`.
+
+    safetensors reads through a memory map, and every page read stays resident while the map
+    is open. So each tensor is read under its own short-lived map and copied out: the pages are
+    released before the next tensor is read, and peak memory stays at the model plus one tensor.
+    """
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield file, key, f.get_tensor(key)
+                keys = list(f.keys())
+            for key in keys:
+                with safe_open(str(file), framework="pt") as f:
+                    tensor = f.get_tensor(key).clone()  # a private copy; the map closes here
+                yield file, key, tensor
         except (SafetensorError, OSError, RuntimeError) as e:
             raise AnitaError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
 
