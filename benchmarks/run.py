@@ -1,0 +1,191 @@
+"""anita vs. the Hugging Face stack, side by side: `python benchmarks/run.py [--device cpu|cuda] [--quick]`.
+
+Measures forward/prefill and greedy-decode throughput, a QLoRA SFT step and a DPO step
+(tokens/s and peak memory) for both systems on the same model, batch and settings, and prints
+one Markdown table with both and their ratio (anita / HF). Every (system, benchmark) runs in its
+own fresh Python process (this file re-invoked with `--worker`), so peaks never mix; each reports
+the median of `repeats` timed steps after `warmup` untimed ones. What each side runs is in
+`anita_side.py` and `hf_side.py`; workloads, timing and memory probes in `common.py`.
+Targets are those of issue 8 (CPU, anita / HF in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (BENCHES, SYSTEMS, Workload, default_workload, peak_tflops,  # noqa: E402
+                               step_flops_per_token)
+
+# (benchmark, metric) -> (target ratio anita/HF, "min" = at least, "max" = at most)
+TARGETS = {("forward", "tok/s"): (1.3, "min"), ("decode", "tok/s"): (2.0, "min"),
+           ("sft", "tok/s"): (2.0, "min"), ("sft", "peak MiB"): (0.5, "max"),
+           ("dpo", "tok/s"): (2.5, "min"), ("dpo", "peak MiB"): (0.5, "max")}
+
+
+# --------------------------------------------------------------------------------- worker
+def tokens_per_step(bench: str, w: Workload) -> int:
+    return {"forward": w.batch * w.seq_len, "decode": w.decode_batch * w.decode_new,
+            "sft": w.batch * w.seq_len, "dpo": 2 * w.batch * w.seq_len}[bench]
+
+
+def run_worker(system: str, job: str, w: Workload) -> dict:
+    """Set up one system's step for one benchmark, time it, and return the measurements."""
+    import torch
+
+    from benchmarks.common import model_dir, time_steps
+
+    torch.set_num_threads(w.threads)
+    torch.manual_seed(w.seed)
+    side = __import__(f"benchmarks.{system}_side", fromlist=["_"])
+    bench, _, dtype = job.partition(":")
+    path = model_dir(w)
+    step, info = getattr(side, f"{bench}_step")(path, w, dtype) if dtype else getattr(side, f"{bench}_step")(path, w)
+    result = time_steps(step, w)
+    config = json.loads((Path(path) / "config.json").read_text())
+    tps = tokens_per_step(bench, w) / result["median_s"]
+    result |= {"system": system, "job": job, "tok_s": tps, "info": info,
+               "step_mib": result["peak_mib"] - result["start_mib"]}
+    peak = peak_tflops(w.device)
+    if peak and bench != "decode":
+        result["mfu"] = tps * step_flops_per_token(bench, config, w.seq_len) / (peak * 1e12)
+    return result
+
+
+# --------------------------------------------------------------------------------- parent
+def jobs_for(benches: list[str], w: Workload) -> list[str]:
+    jobs = []
+    for bench in benches:
+        jobs += [f"forward:{d}" for d in w.forward_dtypes] if bench == "forward" else [bench]
+    return jobs
+
+
+def spawn(system: str, job: str, w: Workload, log) -> dict:
+    """Run one worker in a fresh interpreter; return its result, or {"error": ...}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, job, "--workload", w.to_json()]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(w.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    log(f"  {system} {job} failed: {tail}")
+    return {"system": system, "job": job, "error": tail}
+
+
+def fmt(x: float | None, digits: int = 0) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def job_label(job: str, w: Workload) -> str:
+    bench, _, dtype = job.partition(":")
+    if bench == "forward":
+        return f"forward/prefill {dtype}, B={w.batch} T={w.seq_len}"
+    if bench == "decode":
+        return f"greedy decode {w.decode_dtype}, B={w.decode_batch} P={w.decode_prompt} N={w.decode_new}"
+    what = "QLoRA SFT step" if bench == "sft" else "DPO step (B pairs)"
+    return f"{what} {w.train_dtype}, B={w.batch} T={w.seq_len}, r={w.lora_r}, ckpt={'on' if w.gradient_checkpointing else 'off'}"
+
+
+def table(results: dict, jobs: list[str], w: Workload) -> str:
+    """One Markdown table: every job's metrics for anita and HF, their ratio, and the target."""
+    rows = ["| benchmark | metric | anita | HF | anita / HF | target | met |", "|---|---|---:|---:|---:|---:|:-:|"]
+    for job in jobs:
+        a, h = results.get(("anita", job), {}), results.get(("hf", job), {})
+        bench = job.partition(":")[0]
+        metrics = [("tok/s", "tok_s", 1)]
+        if w.device == "cuda" and bench != "decode":
+            metrics.append(("MFU %", "mfu", 1))
+        if bench != "decode":
+            metrics += [("peak MiB", "peak_mib", 0), ("step MiB", "step_mib", 0)]
+        for i, (name, key, digits) in enumerate(metrics):
+            av, hv = a.get(key), h.get(key)
+            if key == "mfu":
+                av, hv = (None if av is None else 100 * av), (None if hv is None else 100 * hv)
+            ratio = av / hv if av is not None and hv else None
+            target = TARGETS.get((bench, name)) if w.device == "cpu" and job != "forward:bfloat16" else None
+            met = "" if target is None or ratio is None else (
+                "yes" if (ratio >= target[0] if target[1] == "min" else ratio <= target[0]) else "no")
+            tgt = "" if target is None else ("≥ " if target[1] == "min" else "≤ ") + f"{target[0]}×"
+            err = "error" if "error" in a or "error" in h else ""
+            rows.append(f"| {job_label(job, w) if i == 0 else ''} | {name} | {fmt(av, digits) if 'error' not in a else 'error'} "
+                        f"| {fmt(hv, digits) if 'error' not in h else 'error'} | {fmt(ratio, 2) if not err else '—'} "
+                        f"| {tgt} | {met} |")
+    return "\n".join(rows)
+
+
+def checks(results: dict, jobs: list[str]) -> list[str]:
+    """Sanity lines: both sides computed the same thing (decode tokens, step losses)."""
+    lines = []
+    for job in jobs:
+        a, h = results.get(("anita", job), {}).get("info", {}), results.get(("hf", job), {}).get("info", {})
+        if "tokens" in a and "tokens" in h:
+            same = sum(x == y for x, y in zip(a["tokens"], h["tokens"]))
+            lines.append(f"- {job}: {same}/{len(a['tokens'])} greedy tokens identical (anita vs HF)")
+        if "loss" in a and "loss" in h:
+            lines.append(f"- {job}: loss after the last step anita {a['loss']:.5f}, HF {h['loss']:.5f}")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="smaller batch / shorter sequences: a few minutes on CPU")
+    p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of anita,hf")
+    p.add_argument("--repeats", type=int, help="timed steps per measurement (median reported)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default 1 on CPU)")
+    p.add_argument("--clock", choices=("cpu", "wall"), help="time steps by process CPU time (CPU default) or wall time")
+    p.add_argument("--model", help="'smollm2' or 'random:<anita preset>' (e.g. random:llama-3.1-8b)")
+    p.add_argument("--train-dtype", dest="train_dtype", choices=("float32", "bfloat16"),
+                   help="dtype of the SFT/DPO steps (activations, NF4 compute, unquantized weights)")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "JOB"), help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = run_worker(*args.worker, Workload.from_json(args.workload))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    w = default_workload(args.device, args.quick)
+    for name in ("repeats", "threads", "model", "clock", "train_dtype"):
+        if getattr(args, name) is not None:
+            setattr(w, name, getattr(args, name))
+    benches = [b for b in args.only.split(",") if b]
+    bad = [b for b in benches if b not in BENCHES]
+    if bad:
+        p.error(f"--only: unknown benchmark(s) {bad}; expected some of {BENCHES}")
+    systems = [s for s in args.systems.split(",") if s]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    jobs = jobs_for(benches, w)
+    results, start = {}, time.time()
+    for job in jobs:
+        for system in systems:
+            log(f"[{time.time() - start:6.0f}s] {system:5s} {job}")
+            results[system, job] = spawn(system, job, w, log)
+    print(f"\nworkload: {w.to_json()}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"total {time.time() - start:.0f}s\n")
+    print(table(results, jobs, w))
+    print("\n" + "\n".join(checks(results, jobs)))
+    if args.json:
+        args.json.write_text(json.dumps({"workload": json.loads(w.to_json()),
+                                         "results": [v for v in results.values()]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
