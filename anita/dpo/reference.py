@@ -80,18 +80,25 @@ class FrozenAdapter:
 
     @contextmanager
     def swapped_in(self, model):
-        """Inside the `with`, the adapter holds the frozen copy; the trained values come back after."""
+        """Inside the `with`, the adapter holds the frozen copy; the trained values come back after.
+
+        Under autocast, torch caches the low-precision copy of each parameter for the rest of the
+        autocast region; an in-place swap would go unseen (the reference would silently equal the
+        policy), so the cache is cleared on the way in and on the way out.
+        """
         params = lora_parameters(model)
         with torch.no_grad():
             trained = [p.detach().clone() for p in params]
             for p, f in zip(params, self.frozen):
                 p.copy_(f)
+        torch.clear_autocast_cache()
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, t in zip(params, trained):
                     p.copy_(t)
+            torch.clear_autocast_cache()
 
     def logps(self, model, batch: dict, chunk_size: int):
         with _reference_pass(model), self.swapped_in(model):

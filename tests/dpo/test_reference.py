@@ -182,3 +182,24 @@ def test_model_fingerprint(tiny_run_model):
     with torch.no_grad():
         b.model.norm.weight[0] += 1e-3
     assert model_fingerprint(a, include_adapter=False) != model_fingerprint(b, include_adapter=False)
+
+
+def test_frozen_adapter_under_bf16_autocast_sees_the_swap(data, tiny_run_model, byte_tokenizer):
+    """Autocast caches each parameter's bf16 copy for the whole autocast region. The training
+    step runs the policy forward and the reference pass in one region, so an in-place swap of the
+    adapter must clear that cache, or the reference silently equals the policy (loss stuck at
+    ln 2, nothing learned: the failure `anita demo` hit before the fix)."""
+    batch = PreferenceBatches(data, batch_size=4, pad_id=byte_tokenizer.pad_id, shuffle=False)[0]
+    model = policy(tiny_run_model)
+    move_adapter(model, seed=1)  # the SFT adapter
+    reference = FrozenAdapter(model)
+    move_adapter(model, seed=5, scale=0.5)  # training moved it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            sft_chosen, _ = reference.logps(model, batch, 16)  # alone in its region: the SFT numbers
+        policy_logps = concatenated_logps(model, batch, 16)  # caches the trained adapter's bf16 casts
+        ref_chosen, _ = reference.logps(model, batch, 16)
+        again = concatenated_logps(model, batch, 16)
+    torch.testing.assert_close(ref_chosen, sft_chosen)
+    assert (ref_chosen - policy_logps.chosen.detach()).abs().max() > 1e-2
+    torch.testing.assert_close(again.chosen, policy_logps.chosen)
