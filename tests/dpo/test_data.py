@@ -17,14 +17,6 @@ from anita.errors import AnitaError
 from tests.train.conftest import byte_tokenizer, tiny_run_model, write_jsonl  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on one thread: on a shared, busy CPU a second OpenMP thread makes them ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 BOT, PAD, SH, EH, EOT = 256, 257, 258, 259, 260
 
 

@@ -24,14 +24,6 @@ from anita.model import Llama
 from tests.train.conftest import byte_tokenizer, tiny_run_model, write_jsonl  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on one thread: on a shared, busy CPU a second OpenMP thread makes them ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 LN2 = torch.tensor(math.log(2)).item()
 ROWS = [{"prompt": "ciao", "chosen": "buongiorno", "rejected": "boh"},
         {"prompt": "2+2?", "chosen": "4", "rejected": "cinque"},

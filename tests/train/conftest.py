@@ -80,12 +80,3 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
                                   {"role": "assistant", "content": q.upper()[: 3 + i % 7]}]})
     return rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a busy shared machine: one intra-op thread is ~50x faster than two fighting
-    over the cores (measured on the 2-core CI box under load). Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -46,7 +46,7 @@ def losses(out):
 
 def run_and_kill(args: list[str], out, after_step: int) -> int:
     """Start `anita sft` in a subprocess and SIGKILL it once checkpoint `after_step` exists."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process runs (conftest.one_thread)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process tests (tests/conftest.py)
     proc = subprocess.Popen([sys.executable, "-m", "anita.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
