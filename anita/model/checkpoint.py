@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +40,16 @@ def parse_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise AnitaError(f"unsupported dtype {dtype!r}; expected one of float32, bfloat16, float16")
+
+
+def parse_device(device) -> torch.device:
+    """cpu, cuda or cuda:N, checked: an unavailable GPU is a clear error, not a traceback from torch."""
+    name = str(device)
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise AnitaError(f"device must be cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AnitaError(f"device {name}: no CUDA device is available")
+    return torch.device(name)
 
 
 def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
@@ -123,7 +134,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
     extra or mis-shaped tensor is an error naming the file and the tensor.
     `quantize="nf4"` puts anita's 4-bit linears in place first (see `anita.quant.quantize_model`).
     """
-    dtype = parse_dtype(dtype)
+    dtype, device = parse_dtype(dtype), parse_device(device)
     model_dir = resolve_model_dir(path)
     config = LlamaConfig.from_json(model_dir / "config.json")
     with torch.device("meta"):

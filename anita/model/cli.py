@@ -18,7 +18,10 @@ def load_for_inference(model_path, adapter=None, dtype="float32", device="cpu", 
     """Model (+ LoRA adapter) and tokenizer, ready for generation or scoring."""
     from anita.model import Llama, Tokenizer
 
-    model = Llama.from_pretrained(model_path, dtype=dtype, device=device, quantize=quantize)
+    from anita.model.checkpoint import parse_dtype
+
+    quant = {"quantize": quantize, "quantize_kwargs": {"compute_dtype": parse_dtype(dtype)}} if quantize else {}
+    model = Llama.from_pretrained(model_path, dtype=dtype, device=device, **quant)
     if adapter is not None:
         from anita.lora import load_adapter
 

@@ -69,12 +69,14 @@ def stream_generate(model: Llama, prompts: list[list[int]], max_new_tokens: int 
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=model.device)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         done = done | torch.isin(token, stop)
         if done.all():
             return
         yield [None if d else t for t, d in zip(token.tolist(), done.tolist())]
+        if step == max_new_tokens - 1:
+            return  # the last token needs no forward pass of its own
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # (B, S)
         logits = model(token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache)[:, -1]  # (B, V)
         next_pos = next_pos + 1

@@ -72,7 +72,7 @@ def gguf_config(reader, file: Path) -> LlamaConfig:
         intermediate_size=g("feed_forward_length"), num_hidden_layers=g("block_count"),
         num_attention_heads=heads, num_key_value_heads=g("attention.head_count_kv", heads),
         head_dim=g("attention.key_length", g("embedding_length") // heads),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon")), rope_theta=float(g("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(g("rope.freq_base", 10000.0)),
         max_position_embeddings=g("context_length", 2048), tie_word_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),

@@ -53,7 +53,10 @@ def prepare_run_dir(config: dict, output, resume: bool, info: DistInfo) -> Path:
     if occupied and not run_file.is_file():
         raise AnitaError(f"--output {out}: holds files but no {RUN_FILE}; not an anita run to resume")
     if occupied:
-        saved = json.loads(run_file.read_text())
+        try:
+            saved = json.loads(run_file.read_text())
+        except json.JSONDecodeError as e:
+            raise AnitaError(f"{run_file}: not valid JSON (line {e.lineno}: {e.msg}); cannot resume") from None
         changed = differences(saved, config)
         if changed:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:5])

@@ -42,7 +42,8 @@ class TrainConfig:
     adapter: str | None = _f(None, "PEFT adapter to keep training (e.g. stage 3 continues the DPO adapter), "
                                    "with its own r, alpha, dropout and targets; default: a fresh LoRA")
     # ------------------------------------------------------------------ base model and LoRA
-    qlora: bool = _f(False, "load the base linears in 4-bit NF4 (double quantization), i.e. QLoRA")
+    qlora: bool = _f(False, "load the base linears in 4-bit NF4 (double quantization), i.e. QLoRA (the recipe's setting; "
+                      "off by default so a plain LoRA run needs no flag)")
     lora_r: int = _f(16, "LoRA rank r")
     lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with --rslora)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
@@ -89,7 +90,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AnitaError(f"{source}: {name!r} must be at least 1, got {value}")
-        for name in ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "lora_alpha"):
+        if self.lora_alpha <= 0:
+            raise AnitaError(f"{source}: 'lora_alpha' must be > 0, got {self.lora_alpha}")
+        for name in ("lr", "weight_decay", "warmup_steps", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise AnitaError(f"{source}: {name!r} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from anita.errors import AnitaError
+from anita.model.checkpoint import parse_device
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,8 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise AnitaError(f"--device must be cpu or cuda, got {device!r}")
+    parse_device(device)
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AnitaError("--device cuda: no CUDA device is available")
         device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
         torch.cuda.set_device(device)
     info = DistInfo(rank, world_size, local_rank, torch.device(device))

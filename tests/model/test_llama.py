@@ -137,3 +137,20 @@ def test_real_smollm2_matches_saved_transformers_generation(smollm2):
     torch.testing.assert_close(logits.topk(20).values, torch.tensor(ref["last_logits_top_values"]), atol=1e-4, rtol=0)
     out = generate(smollm2, ref["prompt_ids"], max_new_tokens=len(ref["greedy_ids"]), stop_ids=[2])
     assert out == ref["greedy_ids"]
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    """A bf16 copy of θ_i is off by ~0.4%: several radians of phase by position 8k."""
+    model = tiny_model().to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.rope_inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.rope_inv_freq, rope_inv_freq(model.config), rtol=0, atol=0)
+
+
+def test_generation_runs_no_forward_after_the_last_token():
+    model = tiny_model()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    from anita.model import generate
+
+    out = generate(model, [1, 2, 3], max_new_tokens=4)
+    assert len(out) == 4 and len(calls) == 3  # 4 tokens: 3 forwards of (one) new token; prefill uses hidden_states
