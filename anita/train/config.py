@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import types
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,10 @@ def read_config_file(path, cls=TrainConfig) -> dict:
         raise AnitaError(f"{path}: no such config file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # Python 3.10: the same library, as a package
+            import tomli as tomllib
 
         try:
             raw = tomllib.loads(text)
