@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
