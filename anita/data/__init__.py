@@ -10,10 +10,10 @@ Each comes as a train and a held-out split.
 """
 
 import importlib.resources
-import json
 import pathlib
 
 from anita.errors import AnitaError
+from anita.jsonl import parse_object
 
 # Short name -> file name, for every file this package ships.
 SHIPPED_FILES = {
@@ -47,10 +47,7 @@ def load_shipped(name: str) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnitaError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise AnitaError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+                rows.append(parse_object(line))
+            except ValueError as e:
+                raise AnitaError(f"{path}:{line_no}: {e}") from None
     return rows

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from anita.errors import AnitaError
+from anita.jsonl import parse_object
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -107,12 +108,7 @@ def _answer(row: dict, name: str) -> list[dict]:
 
 def parse_row(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     """One JSONL line -> (prompt, chosen, rejected) messages. Raises ValueError saying what is wrong."""
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object with fields {', '.join(FIELDS)}, got {type(row).__name__}")
+    row = parse_object(text, f"a JSON object with fields {', '.join(FIELDS)}")
     missing = [f for f in FIELDS if f not in row]
     if missing:
         raise ValueError(f"missing field {missing[0]!r} (a preference row needs {', '.join(FIELDS)})")

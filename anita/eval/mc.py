@@ -51,7 +51,6 @@ e.g. "Capitale della Francia: Parigi\\n\\nCapitale d'Italia:" for one example.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +60,7 @@ from tqdm import tqdm
 
 from anita.errors import AnitaError
 from anita.eval.scoring import score_requests
+from anita.jsonl import parse_object
 
 FEWSHOT_DELIMITER = "\n\n"
 DEFAULT_SEED = 1234  # lm-evaluation-harness's default few-shot seed
@@ -79,11 +79,9 @@ class Question:
 def parse_question(line: str, where: str) -> Question:
     """One JSONL row -> Question; AnitaError naming `where` (file:line) when it does not fit."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise AnitaError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise AnitaError(f'{where}: expected an object {{"context": str, "choices": [str, ...], "gold": int}}')
+        row = parse_object(line, 'an object {"context": str, "choices": [str, ...], "gold": int}')
+    except ValueError as e:
+        raise AnitaError(f"{where}: {e}") from None
     context, choices, gold = row.get("context"), row.get("choices"), row.get("gold")
     if not isinstance(context, str):
         raise AnitaError(f'{where}: "context" must be a string, got {context!r}')

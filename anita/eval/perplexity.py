@@ -18,7 +18,6 @@ Shapes: T window length, D model dim, V vocab.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from anita.errors import AnitaError
 from anita.eval.scoring import IGNORE, eval_mode, token_logprobs
+from anita.jsonl import parse_object
 
 
 def read_texts(path) -> list[str]:
@@ -44,10 +44,10 @@ def read_texts(path) -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AnitaError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            row = parse_object(line, 'an object with a string "text" field')
+        except ValueError as e:
+            raise AnitaError(f"{path}:{lineno}: {e}") from None
+        if not isinstance(row.get("text"), str):
             raise AnitaError(f'{path}:{lineno}: expected an object with a string "text" field')
         texts.append(row["text"])
     return texts

@@ -20,13 +20,13 @@ Shapes: B rows per micro-batch, T tokens per row.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from anita.errors import AnitaError
+from anita.jsonl import parse_object
 from anita.train.logprobs import IGNORE_INDEX, next_token_labels
 
 ROLES = ("system", "user", "assistant")
@@ -102,11 +102,9 @@ def _check_messages(messages, key: str, roles=ROLES) -> list[dict]:
 def parse_row(line: str) -> tuple[str, dict]:
     """JSON text -> (format, row) with the format's fields checked; raises BadRow."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadRow(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+        row = parse_object(line)
+    except ValueError as e:
+        raise BadRow(str(e)) from None
     if "messages" in row:
         messages = _check_messages(row["messages"], "messages")
         if not any(m["role"] == "assistant" for m in messages):
