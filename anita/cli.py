@@ -1,33 +1,32 @@
 """The `anita` command line: one sub-command per stage of the recipe.
 
-Each sub-command lives beside the code it drives, in a module with `register(subparsers)` that
-adds its parser and sets `func`. Bad input (`AnitaError`) becomes one line on stderr and exit
-code 2, never a traceback.
+Each sub-command lives beside the code it drives, in a `cli.py` with `register(subparsers)` that
+adds its parser and sets `func`; a `cli.py` parses arguments and calls library functions, and
+only this module imports one. Bad input (`AnitaError`) becomes one line on stderr and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from anita import demo
+from anita.dpo import cli as dpo_cli
 from anita.errors import AnitaError
+from anita.eval import cli as eval_cli
+from anita.lora import cli as lora_cli
+from anita.model import cli as model_cli
+from anita.train import cli as train_cli
 
-COMMAND_MODULES = [
-    "anita.model.cli",  # generate, convert-gguf
-    "anita.eval.cli",  # eval
-    "anita.lora.cli",  # merge
-    "anita.train.cli",  # sft
-    "anita.dpo.cli",  # dpo
-    "anita.demo",  # demo
-]
+COMMANDS = [model_cli, eval_cli, lora_cli, train_cli, dpo_cli, demo]  # generate, convert-gguf, eval, merge, sft, dpo, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anita", description="The LLaMAntino-3-ANITA recipe, readable.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import torch
 
+from anita.assets import llama3_tokenizer_dir, smollm2_dir
+from anita.data import data_path
+from anita.dpo import DPOConfig, run_dpo
 from anita.errors import AnitaError
+from anita.eval.mc import evaluate_mc, read_questions
+from anita.eval.perplexity import evaluate_perplexity, read_texts
+from anita.lora import merge_to_directory
+from anita.model import Llama, LlamaConfig, Tokenizer, from_pretrained, generate, save_pretrained
+from anita.recipes import ANITA_SYSTEM_PROMPT
+from anita.train import TrainConfig, run_sft
 
 MARKER = ".anita-demo"  # marks a directory this command made, so a re-run may replace it
 PROMPTS = [
@@ -74,14 +83,11 @@ def prepare_output(path: Path) -> Path:
 
 def tiny_model_dir(out: Path) -> Path:
     """A tiny random Llama-3-shaped model carrying the real Llama 3 tokenizer (for `--quick`)."""
-    from anita.assets import llama3_tokenizer_dir
-    from anita.model import Llama, LlamaConfig
-
     config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                          max_position_embeddings=512, eos_token_id=[128001, 128009])
     path = out / "tiny-model"
-    Llama(config).init_weights(seed=0).save_pretrained(path)
+    save_pretrained(Llama(config).init_weights(seed=0), path)
     for f in llama3_tokenizer_dir().glob("tokenizer*.json"):
         shutil.copy2(f, path / f.name)
     return path
@@ -89,8 +95,6 @@ def tiny_model_dir(out: Path) -> Path:
 
 def dataset(name: str, plan: Plan, out: Path) -> str:
     """Path of a shipped data file, or of its first rows (per the plan) copied into the output."""
-    from anita.data import data_path
-
     path = data_path(name)
     rows = plan.heldout_rows if "heldout" in name else plan.rows
     if rows is None:
@@ -101,13 +105,11 @@ def dataset(name: str, plan: Plan, out: Path) -> str:
     return str(subset)
 
 
-def resolve_model(args, out: Path) -> str:
-    if args.quick:
+def resolve_model(model: str | None, quick: bool, out: Path) -> str:
+    if quick:
         return str(tiny_model_dir(out))
-    if args.model:
-        return args.model
-    from anita.assets import smollm2_dir
-
+    if model:
+        return model
     print("fetching SmolLM2-135M-Instruct (once; cached)…", flush=True)
     return str(smollm2_dir())
 
@@ -116,10 +118,7 @@ def resolve_model(args, out: Path) -> str:
 def answers(model_path: str, device: str, new_tokens: int) -> list[str]:
     """Answers to the demo prompts under the authors' Italian system prompt, sampled with their
     settings (temperature 0.6, top-p 0.9; shared/RECIPE.md) from a fixed seed."""
-    from anita.model import Llama, Tokenizer, generate
-    from anita.model.cli import ANITA_SYSTEM_PROMPT
-
-    model, tok = Llama.from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
+    model, tok = from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
     chats = [tok.apply_chat_template([{"role": "system", "content": ANITA_SYSTEM_PROMPT},
                                       {"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
     out = generate(model, chats, max_new_tokens=new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
@@ -137,9 +136,6 @@ def common_settings(plan: Plan, device: str, steps: int) -> dict:
 
 def stage_sft(model: str, out: Path, plan: Plan, device: str) -> list[dict]:
     """Stage 1: QLoRA SFT on Italian conversations (the recipe's r=16, alpha=8 on all projections)."""
-    from anita.train.config import TrainConfig
-    from anita.train.sft import run_sft
-
     cfg = TrainConfig(model=model, data=dataset("sft_train", plan, out.parent),
                       eval_data=dataset("sft_heldout", plan, out.parent), output=str(out), lora_r=16, lora_alpha=8.0, lr=plan.sft_lr, packing=True,
                       **common_settings(plan, device, plan.sft_steps))
@@ -148,8 +144,6 @@ def stage_sft(model: str, out: Path, plan: Plan, device: str) -> list[dict]:
 
 def stage_dpo(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> list[dict]:
     """Stage 2: DPO (sigmoid, beta 0.1) continuing the SFT adapter; the frozen SFT adapter is the reference."""
-    from anita.dpo.cli import DPOConfig, run_dpo
-
     cfg = DPOConfig(model=model, adapter=str(adapter), data=dataset("dpo_train", plan, out.parent),
                     eval_data=dataset("dpo_heldout", plan, out.parent), output=str(out), reference="adapter", beta=0.1,
                     lr=plan.dpo_lr, weight_decay=0.0, warmup_ratio=None,
@@ -159,9 +153,6 @@ def stage_dpo(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> 
 
 def stage_cpt(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> list[dict]:
     """Stage 3: Italian adaptation: causal-LM loss on raw Italian prose, continuing the adapter."""
-    from anita.train.config import TrainConfig
-    from anita.train.sft import run_sft
-
     cfg = TrainConfig(model=model, adapter=str(adapter), data=dataset("pretrain_train", plan, out.parent),
                       eval_data=dataset("pretrain_heldout", plan, out.parent), output=str(out), lr=plan.cpt_lr,
                       packing=True, **common_settings(plan, device, plan.cpt_steps))
@@ -170,12 +161,7 @@ def stage_cpt(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> 
 
 def evaluate(model_path: str, device: str, plan: Plan) -> dict:
     """Italian multiple choice (0-shot, lm-eval-harness scoring) and perplexity on held-out prose."""
-    from anita.data import data_path
-    from anita.eval.mc import evaluate_mc, read_questions
-    from anita.eval.perplexity import evaluate_perplexity, read_texts
-    from anita.model import Llama, Tokenizer
-
-    model, tok = Llama.from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
+    model, tok = from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
     mc = evaluate_mc(model, tok, read_questions(data_path("mc_heldout")), limit=plan.eval_limit)
     ppl = evaluate_perplexity(model, tok, read_texts(data_path("pretrain_heldout")))
     return {"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"], "mc_n": mc["n"], "perplexity": ppl["perplexity"]}
@@ -223,12 +209,11 @@ def write_report(out: Path, model: str, rows, before_answers, after_answers, tim
 
 
 # ---------------------------------------------------------------------------- the run
-def run_demo(args) -> int:
-    from anita.lora.cli import merge_to_directory
-
+def run_demo(output="anita-demo", model: str | None = None, device: str = "cpu", quick: bool = False) -> dict:
+    """Run every stage into `output` and return the summary (also in OUTPUT/summary.json)."""
     torch.manual_seed(0)
-    out = prepare_output(Path(args.output))
-    plan = Plan.quick() if args.quick else Plan()
+    out = prepare_output(Path(output))
+    plan = Plan.quick() if quick else Plan()
     timings: dict[str, float] = {}
 
     def timed(name, fn, *a):
@@ -238,22 +223,28 @@ def run_demo(args) -> int:
         timings[name] = time.perf_counter() - start
         return result
 
-    model = timed("prepare model", resolve_model, args, out)
-    before_answers = timed("answers before", answers, model, args.device, plan.new_tokens)
-    before = timed("evaluate base", evaluate, model, args.device, plan)
-    runs = {"sft": timed("QLoRA SFT", stage_sft, model, out / "1-sft", plan, args.device)}
-    runs["dpo"] = timed("DPO", stage_dpo, model, out / "1-sft" / "adapter", out / "2-dpo", plan, args.device)
+    model = timed("prepare model", resolve_model, model, quick, out)
+    before_answers = timed("answers before", answers, model, device, plan.new_tokens)
+    before = timed("evaluate base", evaluate, model, device, plan)
+    runs = {"sft": timed("QLoRA SFT", stage_sft, model, out / "1-sft", plan, device)}
+    runs["dpo"] = timed("DPO", stage_dpo, model, out / "1-sft" / "adapter", out / "2-dpo", plan, device)
     runs["cpt"] = timed("continued pre-training", stage_cpt, model, out / "2-dpo" / "adapter", out / "3-cpt",
-                        plan, args.device)
+                        plan, device)
     merged = out / "merged"
     print(timed("merge", merge_to_directory, model, out / "3-cpt" / "adapter", merged, "bfloat16"))
-    after = timed("evaluate merged", evaluate, str(merged), args.device, plan)
-    after_answers = timed("answers after", answers, str(merged), args.device, plan.new_tokens)
+    after = timed("evaluate merged", evaluate, str(merged), device, plan)
+    after_answers = timed("answers after", answers, str(merged), device, plan.new_tokens)
     rows = metrics_rows(before, after, runs)
     report = write_report(out, model, rows, before_answers, after_answers, timings)
-    (out / "summary.json").write_text(json.dumps({"before": before, "after": after, "timings": timings}, indent=2))
+    summary = {"before": before, "after": after, "timings": timings}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + "\n".join(f"{m}: {b} -> {a}" for m, b, a in rows))
     print(f"\nreport: {report}\nmerged model: {merged}\ntotal: {sum(timings.values()):.0f} s")
+    return summary
+
+
+def run(args) -> int:
+    run_demo(args.output, args.model, args.device, args.quick)
     return 0
 
 
@@ -263,4 +254,4 @@ def register(sub) -> None:
     p.add_argument("--output", default="anita-demo", help="output directory (default: anita-demo)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a seconds-long run on a tiny random model (for tests)")
-    p.set_defaults(func=run_demo)
+    p.set_defaults(func=run)

@@ -3,9 +3,9 @@
 Each `*_step` function builds the model and returns one `step()` closure; `benchmarks/run.py` times
 it in a fresh process. The steps mirror `hf_side.py` setting for setting:
 
-- forward: `Llama.from_pretrained(dir, dtype)`, `model(input_ids)` for the full logits (B, T, V).
+- forward: `from_pretrained(dir, dtype)`, `model(input_ids)` for the full logits (B, T, V).
 - decode: `anita.model.generate` greedy, no stop ids (so exactly N new tokens).
-- SFT (QLoRA): `Llama.from_pretrained(dir, quantize="nf4")` (NF4, double quantization),
+- SFT (QLoRA): `from_pretrained(dir, quantize="nf4")` (NF4, double quantization),
   `apply_lora` with r / alpha on the seven projections, `model.gradient_checkpointing = True`,
   and `anita.train.loss.sft_loss` (chunked log-probs, no [B, T, V] logits); AdamW.
 - DPO: the same model and `anita.dpo.trainer.dpo_step`: one policy forward over [chosen; rejected],
@@ -22,9 +22,9 @@ from benchmarks.common import LORA_TARGETS, Workload, preference_batch, token_ba
 
 
 def load(path, w: Workload, dtype: torch.dtype):
-    from anita.model import Llama
+    from anita.model import from_pretrained
 
-    return Llama.from_pretrained(path, dtype=dtype, device=w.device)
+    return from_pretrained(path, dtype=dtype, device=w.device)
 
 
 def forward_step(path, w: Workload, dtype_name: str):
@@ -57,10 +57,10 @@ def qlora_model(path, w: Workload):
     """NF4 base (compute in the training dtype) + LoRA on the seven projections + gradient
     checkpointing, as `anita.train.model.load_trainable_model` builds it; AdamW on the adapters."""
     from anita.lora import LoraConfig, apply_lora, lora_parameters
-    from anita.model import Llama
+    from anita.model import from_pretrained
 
     dtype = torch_dtype(w.train_dtype)
-    model = Llama.from_pretrained(path, dtype=dtype, device=w.device, quantize="nf4",
+    model = from_pretrained(path, dtype=dtype, device=w.device, quantize="nf4",
                                   quantize_kwargs={"compute_dtype": dtype})
     model.gradient_checkpointing = w.gradient_checkpointing
     apply_lora(model, LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=LORA_TARGETS))
@@ -71,7 +71,7 @@ def qlora_model(path, w: Workload):
 
 def sft_step(path, w: Workload):
     """`anita.train.loss.sft_loss` (chunked log-probs, no (B, T, V) logits) on every next token."""
-    from anita.train.logprobs import next_token_labels
+    from anita.model.logprobs import next_token_labels
     from anita.train.loss import sft_loss
 
     model, opt = qlora_model(path, w)
@@ -94,7 +94,8 @@ def sft_step(path, w: Workload):
 def dpo_step(path, w: Workload):
     """`anita.dpo.trainer.dpo_step` with the adapters-off reference (`AdaptersOff`)."""
     from anita.dpo.reference import AdaptersOff
-    from anita.dpo.trainer import DPOSettings, dpo_step as anita_dpo_step
+    from anita.dpo.trainer import DPOSettings
+    from anita.dpo.trainer import dpo_step as anita_dpo_step
 
     model, opt = qlora_model(path, w)
     chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)

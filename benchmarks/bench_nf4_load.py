@@ -2,7 +2,7 @@
 
 Writes a random-weight Llama-3.2-1B-shaped checkpoint (bf16, N(0, 0.02) weights, ~2.5 GB) to a
 temporary directory — tensor by tensor, so the writer never holds more than one tensor — then
-loads it in a fresh Python process with `Llama.from_pretrained(dir, dtype=bf16, quantize="nf4")`
+loads it in a fresh Python process with `from_pretrained(dir, dtype=bf16, quantize="nf4")`
 (and, for comparison, without quantization) and reports, per checkpoint layout:
 
 - peak RSS (the kernel's VmHWM): everything the process had mapped at its peak, including the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -150,7 +149,7 @@ def child(model_dir: str, quantize: str | None, threads: int, reader: str) -> di
 
     torch.set_num_threads(threads)
     import anita.model.checkpoint as checkpoint
-    from anita.model import Llama
+    from anita.model import from_pretrained
     from anita.quant import memory_report
     from anita.quant.linear import import_bitsandbytes
 
@@ -167,7 +166,7 @@ def child(model_dir: str, quantize: str | None, threads: int, reader: str) -> di
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    model = Llama.from_pretrained(model_dir, dtype=torch.bfloat16, quantize=quantize)
+    model = from_pretrained(model_dir, dtype=torch.bfloat16, quantize=quantize)
     seconds = time.perf_counter() - t0
     touch(model)
     done.set()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anita.model import Llama, LlamaConfig
+from anita.model import Llama, LlamaConfig, from_pretrained, save_pretrained
 
 # One thread: tiny-model tests are dominated by per-op overhead, which extra threads only add to
 # (and several test processes may share the two cores).
@@ -40,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory):
     def make(variant: str = "llama3.1", seed: int = 0):
         if (variant, seed) not in made:
             path = tmp_path_factory.mktemp(f"tiny-{variant}-{seed}")
-            tiny_model(variant, seed).save_pretrained(path)
+            save_pretrained(tiny_model(variant, seed), path)
             made[variant, seed] = path
         return made[variant, seed]
 
@@ -57,7 +57,7 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     """The real SmolLM2-135M-Instruct in fp32 (shared: tests must not modify it)."""
-    return Llama.from_pretrained(smollm2_dir)
+    return from_pretrained(smollm2_dir)
 
 
 @pytest.fixture(scope="session")

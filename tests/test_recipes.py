@@ -4,7 +4,7 @@ leaning on defaults that could change."""
 
 from importlib.resources import files
 
-from anita.dpo.cli import DPOConfig
+from anita.dpo import DPOConfig
 from anita.train.config import TrainConfig, read_config_file
 
 RECIPES = files("anita") / "recipes"

@@ -1,35 +1,40 @@
 """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) and its variants.
 
-`loss.py` holds the loss family as pure functions of sequence log-probs; the per-token log-probs
-they are summed from come from `anita.train.logprobs` (shared with SFT). docs/dpo.md derives DPO.
+`loss.py` holds the loss family as pure functions of sequence log-probs; importing `anita.dpo`
+loads only that (and torch), so `from anita.dpo import dpo_loss` is cheap. The DPO loop builds on
+the training stack (`anita.train`) and is loaded on first use of its names: preference data
+(`data.py`), sequence log-probs of a [chosen; rejected] batch (`logps.py`), the reference model
+(`reference.py`), the step and its metrics (`trainer.py`), `DPOConfig` (`config.py`), `run_dpo`
+(`run.py`), `anita dpo` (`cli.py`). docs/dpo.md derives DPO.
 """
 
-from anita.dpo.loss import (
-    LOSS_TYPES,
-    LOSSES,
-    PreferenceBatch,
-    bco_running_mean,
-    dpo_loss,
-    implicit_rewards,
-    sft_loss,
-)
+import importlib
 
-__all__ = [
-    "LOSS_TYPES",
-    "LOSSES",
-    "PreferenceBatch",
-    "bco_running_mean",
-    "dpo_loss",
-    "implicit_rewards",
-    "sft_loss",
-]
+from anita.dpo.loss import LOSS_TYPES, LOSSES, PreferenceBatch, check_loss_args, dpo_loss, implicit_rewards, rpo_nll
 
-# The DPO loop on the shared training loop: preference data (`data.py`), the reference model three
-# ways (`reference.py`), the step and its metrics (`trainer.py`), `anita dpo` (`cli.py`).
-from anita.dpo.data import PreferenceBatches, PreferenceData, read_preferences  # noqa: E402
-from anita.dpo.reference import (AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree,  # noqa: E402
-                                 precompute_reference)
-from anita.dpo.trainer import DPOObjective, DPOSettings, concatenated_logps, dpo_step  # noqa: E402
+# name -> module, imported when the name is first used (PEP 562), so the loss never pulls in the loop.
+LAZY_EXPORTS = {
+    "DPOConfig": "anita.dpo.config",
+    "run_dpo": "anita.dpo.run",
+    "PreferenceBatches": "anita.dpo.data",
+    "PreferenceData": "anita.dpo.data",
+    "read_preferences": "anita.dpo.data",
+    "concatenated_logps": "anita.dpo.logps",
+    "AdaptersOff": "anita.dpo.reference",
+    "FrozenAdapter": "anita.dpo.reference",
+    "Precomputed": "anita.dpo.reference",
+    "ReferenceFree": "anita.dpo.reference",
+    "precompute_reference": "anita.dpo.reference",
+    "DPOObjective": "anita.dpo.trainer",
+    "DPOSettings": "anita.dpo.trainer",
+    "dpo_step": "anita.dpo.trainer",
+}
 
-__all__ += ["PreferenceBatches", "PreferenceData", "read_preferences", "AdaptersOff", "FrozenAdapter", "Precomputed",
-            "ReferenceFree", "precompute_reference", "DPOObjective", "DPOSettings", "concatenated_logps", "dpo_step"]
+__all__ = ["LOSS_TYPES", "LOSSES", "PreferenceBatch", "check_loss_args", "dpo_loss", "implicit_rewards", "rpo_nll",
+           *LAZY_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in LAZY_EXPORTS:
+        return getattr(importlib.import_module(LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'anita.dpo' has no attribute {name!r}")

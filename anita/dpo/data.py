@@ -33,6 +33,8 @@ import torch
 
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
+from anita.model.tokenizer import common_prefix_length
+from anita.train.data import EpochBatches
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -122,13 +124,6 @@ def parse_row(text: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 # ------------------------------------------------------------------------------- tokenize
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict]):
     """Token ids (prompt, chosen, rejected) of one row in the checkpoint's chat format.
 
@@ -138,7 +133,7 @@ def tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: l
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     full_chosen = tokenizer.apply_chat_template(prompt + chosen)
     full_rejected = tokenizer.apply_chat_template(prompt + rejected)
-    n = min(_common_prefix(prompt_ids, full_chosen), _common_prefix(prompt_ids, full_rejected))
+    n = min(common_prefix_length(prompt_ids, full_chosen), common_prefix_length(prompt_ids, full_rejected))
     return prompt_ids[:n], full_chosen[n:], full_rejected[n:]
 
 
@@ -225,11 +220,10 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, indices: list[int] |
             "index": index, "num_tokens": attention_mask.sum()}
 
 
-class PreferenceBatches:
-    """The run's deterministic stream of DPO micro-batches, with the contract of the shared loop's
-    `anita.train.data.MicroBatches`: `batches[i]` is micro-batch i of the endless stream (epoch
-    e = i // per_epoch, its pairs shuffled with seed + e, or in file order), `per_epoch` the
-    micro-batches per epoch, iteration gives epoch 0.
+class PreferenceBatches(EpochBatches):
+    """DPO's micro-batches on the shared loop's contract (`anita.train.data.EpochBatches`): each
+    epoch's pairs (shuffled with seed + epoch, or in file order) in micro-batches of `batch_size`
+    pairs (the last may be smaller), collated by `collate_pairs`.
 
     With `ref_logps` = (chosen [N], rejected [N]), precomputed reference log-probs indexed like
     `data.pairs`, each batch also carries its pairs' `ref_chosen_logps` and `ref_rejected_logps` [B].
@@ -240,31 +234,15 @@ class PreferenceBatches:
         if ref_logps is not None and any(len(t) != len(data.pairs) for t in ref_logps):
             raise AnitaError(f"{data.path}: {len(data.pairs)} pairs but the reference log-prob table has "
                              f"{len(ref_logps[0])} rows")
-        self.pairs, self.batch_size, self.pad_id = data.pairs, batch_size, pad_id
-        self.seed, self.shuffle, self.ref_logps = seed, shuffle, ref_logps
-        self.per_epoch = -(-len(self.pairs) // batch_size)  # the last batch may be smaller
-        self._epoch, self._order = -1, []
+        self.pairs, self.batch_size, self.pad_id, self.ref_logps = data.pairs, batch_size, pad_id, ref_logps
+        super().__init__(len(self.pairs), seed, shuffle)
 
-    def order(self, epoch: int) -> list[int]:
-        """The pair indices of `epoch`, in the order they are batched."""
-        if epoch != self._epoch:
-            n = len(self.pairs)
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
-            self._epoch = epoch
-        return self._order
+    def group(self, order: list[int]) -> list[list[int]]:
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        epoch, i = divmod(index, self.per_epoch)
-        indices = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = collate_pairs([self.pairs[j] for j in indices], self.pad_id, indices)
         if self.ref_logps is not None:
             batch["ref_chosen_logps"] = self.ref_logps[0][indices]  # [B]
             batch["ref_rejected_logps"] = self.ref_logps[1][indices]  # [B]
         return batch
-
-    def __len__(self) -> int:
-        return self.per_epoch
-
-    def __iter__(self):
-        return (self[i] for i in range(self.per_epoch))

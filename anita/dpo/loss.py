@@ -23,9 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from anita.dtypes import math_dtype
 from anita.errors import AnitaError
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,6 @@ class PreferenceBatch:
     beta: float
     label_smoothing: float
     discopop_tau: float
-    bco_delta: torch.Tensor  # 0-dim, detached
 
     @property
     def chosen_logratio(self) -> torch.Tensor:
@@ -124,14 +122,14 @@ def robust_loss(b: PreferenceBatch) -> torch.Tensor:
 
 
 def bco_pair_loss(b: PreferenceBatch) -> torch.Tensor:
-    """BCO: −log σ(r_w − δ) − log σ(−(r_l − δ)). Jung et al. 2024, arXiv 2404.04656.
+    """BCO: −log σ(r_w) − log σ(−r_l). Jung et al. 2024, arXiv 2404.04656.
 
-    A binary classifier with y_w as positive and y_l as negative. The paper's reward shift δ is a
-    running mean of the rewards (`bco_running_mean`); a pure function cannot keep it, so it is the
-    `bco_delta` argument. δ = 0 is TRL 1.16's "bco_pair" (it dropped the running mean).
+    A binary classifier with y_w as positive and y_l as negative. The paper also shifts both rewards
+    by a running mean of past rewards; TRL 1.16's "bco_pair" drops that shift, and so does anita (a
+    pure function of one batch cannot keep a running mean).
     """
     r_w, r_l = b.beta * b.chosen_logratio, b.beta * b.rejected_logratio
-    return -F.logsigmoid(r_w - b.bco_delta) - F.logsigmoid(-(r_l - b.bco_delta))
+    return -F.logsigmoid(r_w) - F.logsigmoid(-r_l)
 
 
 def sppo_hard_loss(b: PreferenceBatch) -> torch.Tensor:
@@ -244,83 +242,82 @@ def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: 
     return (beta * (policy_logps - ref_logps)).detach()
 
 
-def bco_running_mean(
-    mean: float | torch.Tensor, steps: int, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """BCO's reward shift δ: the running mean over steps of each batch's mean reward. -> (δ, steps + 1)
-
-    Jung et al. 2024 (arXiv 2404.04656) shift the rewards by the mean reward seen so far (the
-    earlier TRL updated it with the current batch's mean of [r_w; r_l] before computing the loss).
-    Start with mean = 0, steps = 0; call once per step, then pass δ as `dpo_loss(bco_delta=δ)`.
-    """
-    batch_mean = torch.cat([chosen_rewards, rejected_rewards]).detach().mean()
-    new_mean = mean + (batch_mean - mean) / (steps + 1)
-    return new_mean, steps + 1
-
-
-def sft_loss(chosen_token_logps: torch.Tensor, chosen_mask: torch.Tensor) -> torch.Tensor:
+def rpo_nll(chosen_token_logps: torch.Tensor, chosen_mask: torch.Tensor) -> torch.Tensor:
     """The NLL term of RPO: −(mean log-prob over every chosen completion token in the batch). -> scalar
 
     chosen_token_logps [B, T], chosen_mask [B, T]. RPO (Pang et al. 2024, "Iterative Reasoning
     Preference Optimization", arXiv 2404.19733) adds α times a length-normalised NLL of y_w to the
     DPO loss; this is TRL 1.16's "sft" loss type, which averages over all chosen tokens of the batch.
-    The trainer adds α · sft_loss(...) to the mean DPO loss.
+    The trainer adds α · rpo_nll(...) to the mean DPO loss.
     """
     if chosen_token_logps.shape != chosen_mask.shape or chosen_token_logps.dim() != 2:
         raise AnitaError(
-            f"sft_loss: `chosen_token_logps` {tuple(chosen_token_logps.shape)} and `chosen_mask` "
+            f"rpo_nll: `chosen_token_logps` {tuple(chosen_token_logps.shape)} and `chosen_mask` "
             f"{tuple(chosen_mask.shape)} must both be [B, T]"
         )
     keep = chosen_mask.bool()
-    logps = chosen_token_logps.to(torch.promote_types(chosen_token_logps.dtype, torch.float32))
+    logps = chosen_token_logps.to(math_dtype(chosen_token_logps, what="rpo_nll"))
     return -torch.where(keep, logps, torch.zeros_like(logps)).sum() / keep.sum().clamp(min=1)
 
 
-def _as_compute(name: str, t: torch.Tensor, like: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Check that `t` is a [B] tensor (same shape as `like`) and cast it to the compute dtype."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or tuple(t.shape) != like:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise AnitaError(f"dpo_loss: `{name}` must be a 1-D [B] tensor of shape {like}, got {shape}")
-    if dtype is not None and t.dtype not in _FLOAT_DTYPES:
-        raise AnitaError(f"dpo_loss: `{name}` has dtype {t.dtype}; expected one of {_FLOAT_DTYPES}")
-    return t.to(dtype) if dtype is not None else t
+# ------------------------------------------------------------------------------ checking
+LOGP_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+DISCOPOP_TAU = 0.05  # the paper's and TRL's τ
 
 
-def _check_knobs(loss_type: str, beta: float, label_smoothing: float, bco_delta, discopop_tau: float) -> None:
-    """Raise for unknown loss types, bad β/ε/τ, and knobs given to a loss that would ignore them."""
+def check_loss_args(loss_type: str, beta: float, label_smoothing: float = 0.0, discopop_tau: float = DISCOPOP_TAU,
+                    logps: tuple | None = None, lengths: tuple | None = None) -> None:
+    """Raise `AnitaError` naming the first argument of `dpo_loss` that does not fit.
+
+    The knobs are checked against the loss type (a knob given to a loss that would ignore it is an
+    error). `logps`, when given, is the four log-prob arguments: [B] float tensors of one shape, the
+    reference pair both None (reference-free) or both tensors. `lengths` is (chosen, rejected):
+    both None or both [B] tensors; sigmoid_norm needs them. A run's settings are checked with the
+    knobs alone, before any tensor exists.
+    """
     if loss_type not in LOSSES:
         raise AnitaError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
     if not beta > 0:
         raise AnitaError(f"dpo_loss: beta must be > 0, got {beta}")
     if not discopop_tau > 0:
         raise AnitaError(f"dpo_loss: discopop_tau must be > 0, got {discopop_tau}")
+    if loss_type != "discopop" and discopop_tau != DISCOPOP_TAU:
+        raise AnitaError(f"dpo_loss: discopop_tau is only used by loss_type 'discopop', not {loss_type!r}")
     interval = _SMOOTHING_RANGE.get(loss_type)
     if interval is None and label_smoothing != 0.0:
-        raise AnitaError(
-            f"dpo_loss: loss_type {loss_type!r} does not use label_smoothing (got {label_smoothing}); "
-            f"only {sorted(_SMOOTHING_RANGE)} do"
-        )
+        raise AnitaError(f"dpo_loss: loss_type {loss_type!r} does not use label_smoothing (got {label_smoothing}); "
+                         f"only {sorted(_SMOOTHING_RANGE)} do")
     if interval is not None and not _SMOOTHING_OK[interval](label_smoothing):
         raise AnitaError(f"dpo_loss: label_smoothing for {loss_type!r} must lie in {interval}, got {label_smoothing}")
-    if torch.as_tensor(bco_delta).numel() != 1:
-        raise AnitaError(f"dpo_loss: bco_delta must be a scalar, got shape {tuple(torch.as_tensor(bco_delta).shape)}")
-    if loss_type != "bco_pair" and float(bco_delta) != 0.0:
-        raise AnitaError(f"dpo_loss: bco_delta is only used by loss_type 'bco_pair', not {loss_type!r}")
-
-
-def _lengths(chosen_lengths, rejected_lengths, shape: tuple, dtype: torch.dtype, loss_type: str):
-    """Both lengths as [B] compute-dtype tensors clamped to ≥ 1 (as TRL does), or both None."""
-    if (chosen_lengths is None) != (rejected_lengths is None):
-        raise AnitaError("dpo_loss: give both `chosen_lengths` and `rejected_lengths`, or neither")
-    if chosen_lengths is None:
-        if loss_type == "sigmoid_norm":
+    shape = None
+    if logps is not None:
+        if (logps[2] is None) != (logps[3] is None):
+            raise AnitaError("dpo_loss: give both reference log-probs, or neither (reference-free mode)")
+        shape = _check_vector(LOGP_NAMES[0], logps[0])
+        for name, t in zip(LOGP_NAMES[1:], logps[1:]):
+            if t is not None:
+                _check_vector(name, t, shape)
+    if lengths is not None:
+        if (lengths[0] is None) != (lengths[1] is None):
+            raise AnitaError("dpo_loss: give both `chosen_lengths` and `rejected_lengths`, or neither")
+        if lengths[0] is None and loss_type == "sigmoid_norm":
             raise AnitaError("dpo_loss: loss_type 'sigmoid_norm' needs `chosen_lengths` and `rejected_lengths`")
-        return None, None
-    c = _as_compute("chosen_lengths", chosen_lengths, shape).to(dtype).clamp(min=1.0)
-    r = _as_compute("rejected_lengths", rejected_lengths, shape).to(dtype).clamp(min=1.0)
-    return c, r
+        if lengths[0] is not None:
+            shape = _check_vector("chosen_lengths", lengths[0], shape, floating=False)
+            _check_vector("rejected_lengths", lengths[1], shape, floating=False)
 
 
+def _check_vector(name: str, t, shape: tuple | None = None, floating: bool = True) -> tuple:
+    """`t` must be a 1-D [B] tensor (of `shape` when given), of a float dtype unless told otherwise."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or (shape is not None and tuple(t.shape) != shape):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise AnitaError(f"dpo_loss: `{name}` must be a 1-D [B] tensor{f' of shape {shape}' if shape else ''}, got {got}")
+    if floating:
+        math_dtype(t, what=f"dpo_loss: `{name}`")
+    return tuple(t.shape)
+
+
+# ------------------------------------------------------------------------------ the loss
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -332,42 +329,29 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
-    discopop_tau: float = 0.05,
-    bco_delta: float | torch.Tensor = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example preference loss and implicit rewards. -> (losses [B], chosen_rewards [B], rejected_rewards [B])
 
     The four log-probs are summed over each answer's completion tokens, [B] each. The reference
     ones are constants (detached); both None = reference-free (log π_ref = 0). `loss_type` is one
     of LOSS_TYPES; `label_smoothing` is read by sigmoid (cDPO), robust, exo_pair, aot and
-    aot_unpaired only. `chosen_lengths` / `rejected_lengths` (completion token counts, [B]) are
-    needed by sigmoid_norm and switch ipo to its per-token form. Losses are not reduced (aot's are
-    per quantile); rewards are β (policy − ref), detached. The math is fp32 (fp64 for fp64 inputs).
+    aot_unpaired only, `discopop_tau` by discopop only. `chosen_lengths` / `rejected_lengths`
+    (completion token counts, [B]) are needed by sigmoid_norm and switch ipo to its per-token form.
+    Losses are not reduced (aot's are per quantile); rewards are β (policy − ref), detached. The
+    math is fp32 (fp64 for fp64 inputs). `check_loss_args` says what is accepted.
     """
-    _check_knobs(loss_type, beta, label_smoothing, bco_delta, discopop_tau)
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise AnitaError("dpo_loss: give both reference log-probs, or neither (reference-free mode)")
-    if not isinstance(policy_chosen_logps, torch.Tensor) or policy_chosen_logps.dim() != 1:
-        got = getattr(policy_chosen_logps, "shape", type(policy_chosen_logps).__name__)
-        raise AnitaError(f"dpo_loss: `policy_chosen_logps` must be a 1-D [B] tensor, got {got}")
-    shape = tuple(policy_chosen_logps.shape)
-    inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in inputs)
-    dtype = torch.float64 if fp64 else torch.float32
-    policy_chosen = _as_compute("policy_chosen_logps", policy_chosen_logps, shape, dtype)
-    policy_rejected = _as_compute("policy_rejected_logps", policy_rejected_logps, shape, dtype)
-    if ref_chosen_logps is None:
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    check_loss_args(loss_type, beta, label_smoothing, discopop_tau, logps, (chosen_lengths, rejected_lengths))
+    dtype = math_dtype(*(t for t in logps if t is not None))
+    policy_chosen, policy_rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    if ref_chosen_logps is None:  # reference-free: log π_ref = 0
         ref_chosen, ref_rejected = torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected)
     else:
-        ref_chosen = _as_compute("ref_chosen_logps", ref_chosen_logps, shape, dtype)
-        ref_rejected = _as_compute("ref_rejected_logps", ref_rejected_logps, shape, dtype)
-    lengths = _lengths(chosen_lengths, rejected_lengths, shape, dtype, loss_type)
-    batch = PreferenceBatch(
-        policy_chosen, policy_rejected, ref_chosen.detach(), ref_rejected.detach(), *lengths,
-        beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
-        bco_delta=torch.as_tensor(bco_delta, dtype=dtype, device=policy_chosen.device).detach().reshape(()),
-    )
+        ref_chosen, ref_rejected = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
+    if chosen_lengths is not None:  # token counts, at least 1 (as TRL)
+        chosen_lengths, rejected_lengths = chosen_lengths.to(dtype).clamp(min=1), rejected_lengths.to(dtype).clamp(min=1)
+    batch = PreferenceBatch(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                            rejected_lengths, beta, label_smoothing, discopop_tau)
     losses = LOSSES[loss_type](batch)
-    chosen_rewards = implicit_rewards(policy_chosen, batch.ref_chosen, beta)
-    rejected_rewards = implicit_rewards(policy_rejected, batch.ref_rejected, beta)
-    return losses, chosen_rewards, rejected_rewards
+    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)

@@ -25,8 +25,6 @@ Shapes: B batch (pairs), N rows of a data set.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,23 +32,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from anita.dpo.trainer import concatenated_logps
+from anita.dpo.logps import concatenated_logps
 from anita.errors import AnitaError
+from anita.files import atomic_write
 from anita.lora import disable_lora, lora_parameters
-
-REFERENCE_KINDS = ("adapters-off", "adapter", "precomputed", "none")
+from anita.runtime import eval_mode
 
 
 @contextmanager
 def _reference_pass(model):
     """No gradients, no dropout; the model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _split(out) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,15 +184,8 @@ def write_cache(path, key: dict[str, str], chosen: torch.Tensor, rejected: torch
     """Write the table atomically (temporary name, then rename): a killed run never leaves half a cache."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # unique: processes may race
-    os.close(fd)
-    try:
-        save_file({"chosen_logps": chosen.contiguous(), "rejected_logps": rejected.contiguous()}, tmp,
-                  metadata={**key, "rows": str(len(chosen))})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {"chosen_logps": chosen.contiguous(), "rejected_logps": rejected.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={**key, "rows": str(len(chosen))}))
 
 
 def cached_reference(path, key: dict[str, str], compute) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:

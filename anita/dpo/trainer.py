@@ -9,8 +9,7 @@ TRL's metrics.
       losses, r_w, r_l = dpo_loss(policy, reference, β, loss_type, ...)        per pair
       + α · NLL(chosen) (RPO, Pang et al. 2024, arXiv 2404.19733), if --rpo-alpha
 
-Mitchell's reference implementation (github.com/eric-mitchell/direct-preference-optimization,
-`trainers.py`: `concatenated_forward`, `_get_batch_logps`) has the same shape; the metric
+The log-probs come from `anita.dpo.logps` (Mitchell's `concatenated_forward`); the metric
 definitions are TRL 1.16's `DPOTrainer._compute_loss`:
   rewards/chosen, rewards/rejected   mean of β (log πθ − log π_ref) over the pairs
   rewards/accuracies                 fraction of pairs with r_w > r_l
@@ -26,11 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-from anita.dpo.loss import LOSS_TYPES, dpo_loss, sft_loss
+from anita.dpo.logps import PairLogps, concatenated_logps
+from anita.dpo.loss import DISCOPOP_TAU, check_loss_args, dpo_loss, rpo_nll
 from anita.errors import AnitaError
-from anita.train.logprobs import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, next_token_labels, sequence_logps, token_logps
-from anita.train.loss import output_head_weight
+from anita.model.logprobs import DEFAULT_CHUNK_SIZE
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "logits/chosen", "logits/rejected")
@@ -43,59 +43,16 @@ class DPOSettings:
     beta: float = 0.1  # β: strength of the KL tie to the reference (Rafailov et al. Eq. 3); the recipe's 0.1
     loss_type: str = "sigmoid"  # one of anita.dpo.loss.LOSS_TYPES; DPO itself is "sigmoid"
     label_smoothing: float = 0.0  # ε for cDPO / robust / exo_pair / aot
+    discopop_tau: float = DISCOPOP_TAU  # τ of discopop
     rpo_alpha: float | None = None  # weight of the chosen answers' NLL (RPO); None = no NLL term
     chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per chunk of the output head
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise AnitaError(f"DPO: unknown loss type {self.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        check_loss_args(self.loss_type, self.beta, self.label_smoothing, self.discopop_tau)
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise AnitaError(f"DPO: rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise AnitaError(f"DPO: chunk_size must be a positive integer, got {self.chunk_size!r}")
-        # beta and label_smoothing are checked against the loss type by dpo_loss: run it once on a zero pair
-        zero, one = torch.zeros(1), torch.ones(1)
-        dpo_loss(zero, zero, zero, zero, beta=self.beta, loss_type=self.loss_type,
-                 label_smoothing=self.label_smoothing, chosen_lengths=one, rejected_lengths=one)
-
-
-@dataclass
-class PairLogps:
-    """What one forward of a concatenated batch gives, split into its chosen and rejected halves."""
-
-    chosen: torch.Tensor  # [B] log π(y_w|x): summed over the answer tokens
-    rejected: torch.Tensor  # [B] log π(y_l|x)
-    chosen_lengths: torch.Tensor  # [B] answer tokens scored
-    rejected_lengths: torch.Tensor  # [B]
-    chosen_token_logps: torch.Tensor  # [B, T] per-token log-probs of the chosen rows (for RPO's NLL)
-    chosen_scored: torch.Tensor  # [B, T] bool, where chosen_token_logps counts
-    chosen_mean_logit: float  # TRL's logits/chosen
-    rejected_mean_logit: float  # TRL's logits/rejected
-
-
-def concatenated_logps(model, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PairLogps:
-    """Summed answer log-probs of both halves of `batch` (see `anita.dpo.data.collate_pairs`) in one forward.
-
-    The batch is right-padded, so causal attention never lets a real token see the pads after it:
-    no attention mask is needed, and the labels (-100 on prompt and padding) pick the answer tokens.
-    """
-    input_ids = batch["input_ids"]  # [2B, T]
-    labels = next_token_labels(input_ids, batch["completion_mask"])  # [2B, T], label t = token t+1
-    hidden = model.hidden_states(input_ids)  # [2B, T, D]
-    with torch.autocast(hidden.device.type, enabled=False):  # the head and log-softmax in fp32
-        logps, mean_logits = token_logps(hidden, output_head_weight(model), labels, chunk_size=chunk_size,
-                                         return_mean_logits=True)  # [2B, T] each
-    scored = labels != IGNORE_INDEX  # [2B, T]
-    sums, _ = sequence_logps(logps, scored)  # [2B]
-    lengths = scored.sum(dim=-1)  # [2B]
-    B = input_ids.shape[0] // 2
-    logit_sums = mean_logits.sum(dim=-1)  # [2B] (0 where not scored)
-    return PairLogps(
-        chosen=sums[:B], rejected=sums[B:], chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
-        chosen_token_logps=logps[:B], chosen_scored=scored[:B],
-        chosen_mean_logit=(logit_sums[:B].sum() / lengths[:B].sum().clamp(min=1)).item(),
-        rejected_mean_logit=(logit_sums[B:].sum() / lengths[B:].sum().clamp(min=1)).item(),
-    )
 
 
 def preference_metrics(out: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
@@ -124,13 +81,13 @@ def dpo_step(model, batch: dict, settings: DPOSettings, reference) -> tuple[torc
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         out.chosen, out.rejected, ref_chosen, ref_rejected, beta=settings.beta, loss_type=settings.loss_type,
         label_smoothing=settings.label_smoothing, chosen_lengths=out.chosen_lengths,
-        rejected_lengths=out.rejected_lengths)  # [B] each
+        rejected_lengths=out.rejected_lengths, discopop_tau=settings.discopop_tau)  # [B] each
     B = losses.shape[0]
     loss_sum = losses.sum()
     metrics = preference_metrics(out, chosen_rewards, rejected_rewards)
     if settings.rpo_alpha is not None:
         # TRL's "sft" term is a batch mean over chosen tokens; × B so the loop's division by B keeps it a mean
-        nll = sft_loss(out.chosen_token_logps, out.chosen_scored)
+        nll = rpo_nll(out.chosen_token_logps, out.chosen_scored)
         loss_sum = loss_sum + settings.rpo_alpha * B * nll
         metrics["nll_loss"] = nll.item()
     return loss_sum, B, metrics
@@ -149,8 +106,6 @@ class DPOObjective:
 # ------------------------------------------------------------------------------- plotting
 def plot_preference_metrics(records: list[dict], path) -> None:
     """A PNG of the DPO curves beside the loop's: rewards, margins, accuracies, log-probs, train and held-out."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
     train = [r for r in records if "rewards/margins" in r]
     evals = [r for r in records if "eval_rewards/margins" in r]
     fig = Figure(figsize=(10, 7), layout="constrained")

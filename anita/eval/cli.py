@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import sys
 
+from anita.arguments import add_model_args
 from anita.errors import AnitaError
-from anita.model.cli import add_model_args, load_for_inference
+from anita.eval.mc import evaluate_mc, read_questions
+from anita.eval.perplexity import evaluate_perplexity, read_texts
+from anita.lora import load_for_inference
 
 
 def check_positive(name: str, value: int | None, minimum: int = 1) -> None:
@@ -21,22 +24,31 @@ def check_positive(name: str, value: int | None, minimum: int = 1) -> None:
 
 
 def run_mc(args, model, tokenizer, questions, pool) -> dict:
-    from anita.eval.mc import evaluate_mc
-
     return evaluate_mc(model, tokenizer, questions, num_fewshot=args.num_fewshot, fewshot_pool=pool,
                        seed=args.seed, limit=args.limit, batch_size=args.batch_size,
                        add_special_tokens=args.add_bos, progress=sys.stderr.isatty())
 
 
-def run_eval(args) -> int:
-    from anita.eval.mc import read_questions
-    from anita.eval.perplexity import evaluate_perplexity, read_texts
-
+def check_flags(args) -> None:
+    """Refuse a flag that the chosen kind of evaluation would ignore, and out-of-range numbers."""
     check_positive("--batch-size", args.batch_size)
     check_positive("--limit", args.limit)
     check_positive("--num-fewshot", args.num_fewshot, minimum=0)
-    if args.perplexity and (args.fewshot_file or args.num_fewshot or args.limit):
-        raise AnitaError("--fewshot-file, --num-fewshot and --limit apply to --task, not --perplexity")
+    if args.perplexity:
+        unused = [f for f, v in [("--fewshot-file", args.fewshot_file), ("--num-fewshot", args.num_fewshot),
+                                 ("--limit", args.limit), ("--add-bos", args.add_bos)] if v]
+        if unused:
+            raise AnitaError(f"{', '.join(unused)}: only for --task; --perplexity scores every token of every "
+                             "document, each started with BOS")
+    else:
+        unused = [f for f, v in [("--window", args.window), ("--stride", args.stride)] if v is not None]
+        if unused:
+            raise AnitaError(f"{', '.join(unused)}: only for --perplexity; --task scores each choice after its "
+                             "whole context")
+
+
+def run_eval(args) -> int:
+    check_flags(args)
     # Read the data before the model, so a bad row fails in a second, not after loading.
     if args.task:
         questions = read_questions(args.task)

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from anita.errors import AnitaError
-from anita.eval.scoring import IGNORE, eval_mode, token_logprobs
+from anita.eval.scoring import continuation_logps
 from anita.jsonl import parse_object
+from anita.model.logprobs import IGNORE_INDEX
+from anita.runtime import eval_mode
 
 
 def read_texts(path) -> list[str]:
@@ -70,10 +72,10 @@ def document_nll(model, ids: list[int], window: int, stride: int) -> float:
     total = 0.0
     for begin, end, first in windows(len(ids), window, stride):
         inputs = torch.tensor([ids[begin:end]], device=model.device)  # (1, T)
-        targets = torch.full_like(inputs, IGNORE)  # position t predicts token begin + t + 1
+        targets = torch.full_like(inputs, IGNORE_INDEX)  # position t predicts token begin + t + 1
         targets[0, first - begin - 1:end - begin - 1] = inputs[0, first - begin:]
         hidden = model.hidden_states(inputs)  # (1, T, D)
-        total -= token_logprobs(model.lm_head, hidden, targets).sum().item()
+        total -= continuation_logps(model, hidden, targets).sum().item()
     return total
 
 

@@ -8,8 +8,9 @@ run as one batch against copies of the cached keys and values: C choices of T to
 over the context plus C·T tokens, instead of C·(context + T). The result is the same sum the
 harness computes (up to float rounding), without the padding of a mixed-length batch.
 
-Log-probabilities are a log-softmax in fp32, taken `chunk_tokens` positions at a time, so the fp32
-logits of a long continuation or window ([N, V]) never exist at once.
+Log-probabilities come from `anita.model.logprobs.token_logps` (the one log-prob module, shared with
+SFT and DPO): a log-softmax in fp32, taken a chunk of positions at a time, so the fp32 logits of a
+long continuation or window ([N, V]) never exist at once.
 
 Shapes: C continuations (rows of a batch), T continuation length, S cache length, D model dim,
 V vocab, N scored tokens, n tokens in one chunk.
@@ -17,40 +18,19 @@ V vocab, N scored tokens, n tokens in one chunk.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from itertools import groupby
 
 import torch
 
 from anita.model.llama import KVCache
-
-IGNORE = -1  # target id of positions that are not scored (padding, context)
-CHUNK_TOKENS = 256  # positions per log-softmax: the largest temporary is [256, V] fp32
-
-
-@contextmanager
-def eval_mode(model):
-    """Score with dropout off (LoRA dropout included), then restore the model's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+from anita.model.logprobs import IGNORE_INDEX, output_head_weight, token_logps
+from anita.runtime import eval_mode
 
 
-def token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS):
-    """log p(targets[b, t] | hidden[b, t]) under the output head: hidden (B, T, D), targets (B, T)
-    with IGNORE where not scored -> (B, T) fp32, 0 at ignored positions."""
-    B, T, D = hidden.shape
-    flat_hidden, flat_targets = hidden.reshape(B * T, D), targets.reshape(B * T)
-    out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
-    rows = (flat_targets != IGNORE).nonzero().squeeze(1)  # (N,) only scored positions reach the head
-    for start in range(0, rows.numel(), chunk_tokens):
-        idx = rows[start:start + chunk_tokens]  # (n,)
-        logits = lm_head(flat_hidden[idx]).float()  # (n, V)
-        out[idx] = logits.gather(1, flat_targets[idx, None]).squeeze(1) - logits.logsumexp(-1)
-    return out.view(B, T)
+def continuation_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[b, t] | hidden[b, t]): hidden (B, T, D), targets (B, T) with IGNORE_INDEX where
+    not scored -> (B, T) fp32, 0 at ignored positions."""
+    return token_logps(hidden, output_head_weight(model), targets)
 
 
 def expand_cache(model, cache: KVCache, rows: int, extra: int) -> KVCache:
@@ -64,8 +44,8 @@ def expand_cache(model, cache: KVCache, rows: int, extra: int) -> KVCache:
 
 
 def pad_right(sequences: list[list[int]], device) -> torch.Tensor:
-    """(C, T) ids, IGNORE after each sequence's end."""
-    out = torch.full((len(sequences), max(len(s) for s in sequences)), IGNORE, dtype=torch.long)
+    """(C, T) ids, IGNORE_INDEX after each sequence's end."""
+    out = torch.full((len(sequences), max(len(s) for s in sequences)), IGNORE_INDEX, dtype=torch.long)
     for i, s in enumerate(sequences):
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out.to(device)
@@ -91,7 +71,7 @@ def score_continuations(model, context: list[int], continuations: list[list[int]
             inputs = targets[:, :-1].clamp(min=0)  # (C, T-1)
             rows_cache = expand_cache(model, cache, C, T - 1)
             hidden = torch.cat([hidden, model.hidden_states(inputs, cache=rows_cache)], dim=1)  # (C, T, D)
-        sums += token_logprobs(model.lm_head, hidden, targets).sum(-1).tolist()
+        sums += continuation_logps(model, hidden, targets).sum(-1).tolist()
     return sums
 
 

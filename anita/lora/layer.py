@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anita.dtypes import ADAPTER_DTYPES, parse_dtype
 from anita.errors import AnitaError
+from anita.model.llama import PROJECTIONS
 from anita.quant import Linear4bit
 
-# The seven projections of a Llama block (shared/RECIPE.md: "q, k, v, o, gate, up, down").
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 INITS = ("kaiming", "gaussian")
 
 
@@ -40,7 +39,7 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the adapter's input only; the base path never sees it
     # Names matched against the end of each module's dotted name ("q_proj" matches
     # "model.layers.3.self_attn.q_proj"), or "all-linear": every linear except lm_head, as PEFT.
-    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | str = PROJECTIONS
     use_rslora: bool = False  # scale alpha/√r: keeps the update's size stable as r grows (rsLoRA)
     use_dora: bool = False  # weight-decomposed LoRA: learn a per-row magnitude too (DoRA)
     init: str = "kaiming"  # A's init: PEFT's default Kaiming-uniform, or "gaussian" N(0, 1/r²)
@@ -55,7 +54,7 @@ class LoraConfig:
             raise AnitaError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise AnitaError(f"LoraConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
-        self.dtype = _adapter_dtype(self.dtype)
+        self.dtype = parse_dtype(self.dtype, ADAPTER_DTYPES, "LoraConfig.dtype (adapter weights)")
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != "all-linear":
@@ -70,14 +69,6 @@ class LoraConfig:
     def scale(self) -> float:
         """The factor on B·A: alpha/r (Hu et al. §4.1), or alpha/√r with rsLoRA (Kalajdzievski, Thm 3.2)."""
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
-
-
-def _adapter_dtype(dtype) -> torch.dtype:
-    if dtype in (torch.float32, torch.bfloat16):
-        return dtype
-    if isinstance(dtype, str) and dtype in ADAPTER_DTYPES:
-        return ADAPTER_DTYPES[dtype]
-    raise AnitaError(f"LoraConfig.dtype: adapter weights are kept in float32 or bfloat16, got {dtype!r}")
 
 
 def is_base_linear(module: nn.Module) -> bool:
@@ -122,9 +113,7 @@ class LoraLinear(nn.Module):
         self.reset_lora_parameters()
         if config.use_dora:
             # m starts at the row norms of the adapted weight, so the layer starts equal to the base.
-            with torch.no_grad():
-                m = self.adapted_weight().norm(dim=1)  # (O,)
-            self.lora_magnitude_vector = nn.Parameter(m.to(config.dtype))
+            self.lora_magnitude_vector = nn.Parameter(self.dora_norm(dense_weight(base)).to(config.dtype))
         self.train(base.training)  # a new module starts in training mode; follow the model's mode
 
     @torch.no_grad()
@@ -145,17 +134,20 @@ class LoraLinear(nn.Module):
         """scale · B·A as an fp32 (O, I) matrix: what LoRA adds to the base weight."""
         return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (O, R) @ (R, I)
 
-    def adapted_weight(self) -> torch.Tensor:
-        """W + scale·B·A in fp32 (O, I), the base dequantized if it is 4-bit."""
-        return dense_weight(self.base_layer) + self.delta_weight()
+    @torch.no_grad()
+    def dora_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """DoRA's ||W + scale·B·A||_row (O,) for the dense fp32 base weight w (O, I); a constant for
+        backward (DoRA §4.3)."""
+        return (w + self.delta_weight()).norm(dim=1)
 
+    @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The single fp32 matrix (O, I) this layer computes: W + scale·B·A, times m/||·||_row with DoRA."""
-        with torch.no_grad():
-            w = self.adapted_weight()
-            if self.lora_magnitude_vector is not None:
-                w = (self.lora_magnitude_vector.float() / w.norm(dim=1))[:, None] * w
-        return w
+        w = dense_weight(self.base_layer)
+        adapted = w + self.delta_weight()
+        if self.lora_magnitude_vector is None:
+            return adapted
+        return (self.lora_magnitude_vector.float() / self.dora_norm(w))[:, None] * adapted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (B, T, O)
@@ -174,9 +166,7 @@ class LoraLinear(nn.Module):
         correction uses the dropped-out input, as PEFT's `DoraLinearLayer.forward` does.
         """
         w = dense_weight(self.base_layer)
-        with torch.no_grad():  # the norm is a constant for backward (DoRA §4.3)
-            norm = (w + self.delta_weight()).norm(dim=1)  # (O,)
-        factor = self.lora_magnitude_vector / norm  # (O,)
+        factor = self.lora_magnitude_vector / self.dora_norm(w)  # (O,)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             base = F.linear(xa, w.to(xa.dtype))  # (B, T, O), W applied to the dropped-out input
         else:

@@ -15,9 +15,7 @@ Shapes: I input features, O output features, R LoRA rank.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anita.errors import AnitaError
+from anita.files import atomic_write, write_json
 from anita.lora.layer import LoraConfig, is_base_linear
 from anita.lora.model import (LoraReport, check_wrappable, freeze_all_but_lora, load_lora_state_dict, lora_layers,
                               lora_state_dict, wrap_modules)
@@ -64,8 +63,8 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     tensors = {PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2) + "\n"))
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(out_dir / CONFIG_FILE, peft_config)
 
 
 def target_module_names(model: nn.Module, wrapped: list[str]) -> list[str]:
@@ -73,18 +72,6 @@ def target_module_names(model: nn.Module, wrapped: list[str]) -> list[str]:
     short = sorted({n.rpartition(".")[2] for n in wrapped})
     selected = {n for n, _ in model.named_modules() if n.rpartition(".")[2] in short}
     return short if selected == set(wrapped) else sorted(wrapped)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_name)` for a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------- load
@@ -103,8 +90,19 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> LoraRepo
     check_wrappable(model, names)
     check_adapter_fits(model, adapter_dir / WEIGHTS_FILE, tensors, targets, config)
     wrap_modules(model, names, config)
-    load_lora_state_dict(model, {k[len(PREFIX):]: t for k, t in tensors.items()})
+    load_lora_state_dict(model, _model_keys(tensors))
     return freeze_all_but_lora(model)
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir) -> None:
+    """Copy the weights of an adapter directory into the LoRA layers `model` already has (a resumed
+    run reads its checkpoint's adapter this way); every key and shape must match."""
+    load_lora_state_dict(model, _model_keys(read_adapter_weights(Path(adapter_dir) / WEIGHTS_FILE)))
+
+
+def _model_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's keys without their `base_model.model.` prefix: the model's own keys."""
+    return {k.removeprefix(PREFIX): t for k, t in tensors.items()}
 
 
 def read_adapter_config(path: Path, dtype, targets: list[str]) -> LoraConfig:
@@ -126,7 +124,14 @@ def read_adapter_config(path: Path, dtype, targets: list[str]) -> LoraConfig:
     for field in UNSUPPORTED:
         if raw.get(field):
             raise AnitaError(f"{path}: {field}={raw[field]!r} is not supported by anita's LoRA")
-    init = "gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming"  # only matters for new adapters
+    init = raw.get("init_lora_weights", True)
+    if init is not True and init is not False and init != "gaussian":
+        raise AnitaError(f"{path}: init_lora_weights={raw['init_lora_weights']!r} is not supported: anita "
+                         "initialises LoRA as PEFT's true (Kaiming-uniform A) or 'gaussian'; other schemes "
+                         "(pissa, olora, loftq, eva, corda, ...) also change the base weights")
+    # false (A and B both random, PEFT's test setting) only changes where a new adapter starts; the
+    # loaded weights replace that start, so it reads as the default.
+    init = "gaussian" if init == "gaussian" else "kaiming"
     try:
         return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
                           target_modules=tuple(targets), use_rslora=bool(raw.get("use_rslora")),

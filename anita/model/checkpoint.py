@@ -3,16 +3,17 @@ shards listed by `model.safetensors.index.json`), from a directory or a Hub repo
 
 Loading follows gpt-fast: build the model on the `meta` device (no memory), then read the
 checkpoint tensor by tensor, cast and move each one, and assign it in place — so peak memory is
-about one copy of the weights (with `quantize="nf4"`, the 4-bit model plus one tensor). A module
-that wants to store a tensor its own way (anita's 4-bit linear quantizes it) defines
-`load_checkpoint_tensor(name, tensor)` and gets it instead of a plain assignment.
+about one copy of the weights (with `quantize="nf4"`, the 4-bit model plus one tensor: anita's
+4-bit linear quantizes each weight as it arrives, `Linear4bit.load_checkpoint_tensor`).
+
+`from_pretrained` and `save_pretrained` are exported from `anita.model`; the model file itself
+knows nothing about files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,58 +24,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from anita.dtypes import parse_dtype
 from anita.errors import AnitaError
+from anita.hub import resolve_model_dir
 from anita.model.config import LlamaConfig
 from anita.model.llama import Llama, rope_inv_freq
+from anita.quant import Linear4bit, quantize_model
+from anita.runtime import parse_device
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise AnitaError(f"unsupported dtype {dtype!r}; expected one of float32, bfloat16, float16")
-
-
-def parse_device(device) -> torch.device:
-    """cpu, cuda or cuda:N, checked: an unavailable GPU is a clear error, not a traceback from torch."""
-    name = str(device)
-    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
-        raise AnitaError(f"device must be cpu, cuda or cuda:N, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AnitaError(f"device {name}: no CUDA device is available")
-    return torch.device(name)
-
-
-def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a Hub repo id, fetched into (or found in) the HF cache.
-
-    huggingface-hub honours HF_HUB_OFFLINE=1 (then only the local cache is used) and HF_HOME.
-    """
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_repo_id)
-    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise AnitaError(f"{name}: no such model directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except HFValidationError:
-        raise AnitaError(f"{name}: no such model directory, and not a valid Hub repo id") from None
-    except Exception as e:  # offline, not cached, gated, network down: all mean "can't get it"
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
-        raise AnitaError(f"{name}: no such model directory, and the Hub could not provide it{hint}: "
-                         f"{type(e).__name__}") from None
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -118,7 +77,7 @@ def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     """Put `tensor` where parameter or buffer `key` lives, replacing the meta placeholder."""
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
-    if hasattr(module, "load_checkpoint_tensor"):
+    if isinstance(module, Linear4bit):
         module.load_checkpoint_tensor(attr, tensor)
     elif attr in module._parameters:
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
@@ -126,7 +85,7 @@ def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | None = None,
+def from_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | None = None,
                     quantize_kwargs: dict | None = None) -> Llama:
     """Build `Llama` from an HF-layout directory or Hub id, one tensor at a time.
 
@@ -142,8 +101,6 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
     if quantize is not None:
         if quantize != "nf4":
             raise AnitaError(f"quantize={quantize!r} is not supported; expected 'nf4' or None")
-        from anita.quant import quantize_model
-
         quantize_model(model, **(quantize_kwargs or {}))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
@@ -189,7 +146,7 @@ def save_pretrained(model: Llama, out_dir, max_shard_size: int = 5 * 2**30, dtyp
     The files are written to a temporary directory beside `out_dir` and moved in at the end,
     so a failure never leaves a half-written checkpoint behind.
     """
-    if any(hasattr(m, "load_checkpoint_tensor") for m in model.modules()):
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
         raise AnitaError("save_pretrained: the model holds quantized linears; merge adapters into a "
                          "full-precision model (anita merge) or save the adapter instead")
     out_dir = Path(out_dir)

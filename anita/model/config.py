@@ -55,11 +55,6 @@ class LlamaConfig:
             if rope_type == "default":
                 self.rope_scaling = None
 
-    @property
-    def stop_token_ids(self) -> list[int]:
-        eos = self.eos_token_id
-        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
     # ------------------------------------------------------------------ reading and writing
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "LlamaConfig":

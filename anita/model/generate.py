@@ -9,6 +9,7 @@ Shapes: B prompts, T prompt length (padded), V vocab.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -100,3 +101,22 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, stop_ids=(), temp
                 if on_token is not None:
                     on_token(i, token)
     return out[0] if single else out
+
+
+def stream_printer(tokenizer, out=None) -> Callable[[int, int], None]:
+    """An `on_token` callback that prints text to `out` (default: stdout) as it is generated,
+    whole characters only."""
+    out = out or sys.stdout
+    ids: list[int] = []
+    shown = ""
+
+    def on_token(_index: int, token: int) -> None:
+        nonlocal shown
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+
+    return on_token

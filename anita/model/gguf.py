@@ -19,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFReader, dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from anita.errors import AnitaError
+from anita.model.checkpoint import assign_tensor, save_pretrained
 from anita.model.config import LlamaConfig
+from anita.model.llama import Llama
 
 GGUF_TO_HF = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
@@ -82,8 +86,6 @@ def gguf_config(reader, file: Path) -> LlamaConfig:
 
 def gguf_tensors(reader, config: LlamaConfig, file: Path):
     """Yield (hf_name, fp32 tensor) for every tensor of the file, dequantized and un-permuted."""
-    from gguf import GGMLQuantizationType, dequantize
-
     for t in reader.tensors:
         name = hf_name(t.name)
         try:
@@ -102,8 +104,6 @@ def gguf_tensors(reader, config: LlamaConfig, file: Path):
 
 def gguf_tokenizer(reader, file: Path):
     """Rebuild a byte-level BPE `tokenizers.Tokenizer` from the GGUF vocabulary and merges."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
     kind, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2":
         raise AnitaError(f"{file}: tokenizer model {kind!r} is not supported (expected byte-level BPE 'gpt2')")
@@ -129,10 +129,6 @@ def gguf_tokenizer(reader, file: Path):
 
 def convert_gguf(gguf_file, out_dir) -> Path:
     """Write `out_dir` (which must not exist or be empty) as an HF-layout fp32 checkpoint."""
-    from gguf import GGUFReader
-
-    from anita.model.llama import Llama
-
     file, out_dir = Path(gguf_file), Path(out_dir)
     if not file.is_file():
         raise AnitaError(f"{file}: no such GGUF file")
@@ -146,15 +142,13 @@ def convert_gguf(gguf_file, out_dir) -> Path:
     tokenizer = gguf_tokenizer(reader, file)  # validated before anything is written
     with torch.device("meta"):
         model = Llama(config)
-    from anita.model.checkpoint import assign_tensor
-
     expected = {k: v.shape for k, v in model.state_dict().items() if not (k == "lm_head.weight" and config.tie_word_embeddings)}
     for name, w in gguf_tensors(reader, config, file):
         if name not in expected or tuple(w.shape) != tuple(expected[name]):
             raise AnitaError(f"{file}: tensor {name!r} of shape {tuple(w.shape)} does not fit the config")
         assign_tensor(model, name, w)
     model.tie_weights()
-    model.save_pretrained(out_dir)
+    save_pretrained(model, out_dir)
     _write_tokenizer(reader, tokenizer, out_dir, config)
     return out_dir
 

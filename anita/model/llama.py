@@ -9,6 +9,7 @@ References: Touvron et al. 2023 (LLaMA), Meta's `llama/model.py`, the Llama 3 he
 Layout: parameter names equal Hugging Face's `LlamaForCausalLM` keys, and q/k rows use HF's
 "rotate half" RoPE layout (Meta's original checkpoints interleave pairs instead; see
 `anita.model.gguf` for the conversion). Loading and saving live in `anita.model.checkpoint`.
+`PROJECTIONS` names the seven linears of a block, the default targets of NF4 and LoRA.
 
 Shapes: B batch, T new tokens (queries), S keys (cache + new), D model dim, H heads,
 K kv heads, E head dim, F ffn dim, V vocab.
@@ -25,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from anita.model.config import LlamaConfig
 
+# The seven projections of a block, by their HF names (shared/RECIPE.md: "q, k, v, o, gate, up, down").
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 class RMSNorm(nn.Module):
     """x / rms(x) · weight, computed in fp32 and cast back (as Meta and HF do)."""
@@ -254,16 +257,3 @@ class Llama(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> "Llama":
-        """Load an HF-layout directory or Hub id; see `anita.model.checkpoint.load_pretrained`."""
-        from anita.model.checkpoint import load_pretrained  # checkpoint.py imports this module
-
-        return load_pretrained(path, dtype=dtype, device=device, **kwargs)
-
-    def save_pretrained(self, out_dir, **kwargs) -> None:
-        """Write config.json + safetensors in HF layout; see `anita.model.checkpoint.save_pretrained`."""
-        from anita.model.checkpoint import save_pretrained
-
-        save_pretrained(self, out_dir, **kwargs)

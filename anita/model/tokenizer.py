@@ -20,7 +20,12 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as Backend
+
 from anita.errors import AnitaError
+from anita.hub import resolve_model_dir
 
 LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 # End-of-turn markers of the common chat formats; generation stops on any that the vocab has.
@@ -39,9 +44,6 @@ def render_llama3(messages: list[dict], add_generation_prompt: bool, bos_token: 
 
 def _jinja_renderer(template: str, source: str):
     """Compile a chat template in a sandbox, with the helpers transformers provides to templates."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise AnitaError(f"chat template ({source}): {message}")
 
@@ -87,10 +89,6 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path, chat_format: str = "auto") -> "Tokenizer":
         """Read `tokenizer.json` (+ `tokenizer_config.json`, `chat_template.jinja`) from a model dir or Hub id."""
-        from tokenizers import Tokenizer as Backend
-
-        from anita.model.checkpoint import resolve_model_dir
-
         model_dir = resolve_model_dir(path)
         file = model_dir / "tokenizer.json"
         if not file.is_file():
@@ -185,6 +183,15 @@ class Tokenizer:
                 raise AnitaError(f"{self.source}: chat template is not prefix-stable; cannot locate assistant turn {i}")
             spans.append((len(before), len(upto)))
         return spans
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share: where a completion starts in the ids of prompt +
+    completion, read against the ids of the prompt alone (TRL's rule for SFT and DPO rows)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _token_text(token) -> str | None:

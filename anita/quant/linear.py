@@ -7,10 +7,13 @@ bitsandbytes' `matmul_4bit` (`backend="bnb"`, CPU and CUDA) or by dequantizing i
 and calling `F.linear` (`backend="torch"`, the fallback where bitsandbytes is missing).
 Modelled on bitsandbytes' `nn.Linear4bit` and torchtune's `FrozenNF4Linear`.
 
-A `Linear4bit` is either filled (packed weight + state) or empty: built on the meta device
-with only the full-precision shape, waiting for `load_checkpoint_tensor("weight", w)`, the hook
+A `Linear4bit` holds `weight`, the packed codes (a buffer, so it moves with the model), and
+`state`, the `NF4State` that dequantizes them (block scales, code book, double quantization); the
+flag `is_loaded` says whether a weight is in. An empty layer is built on the meta device with only
+the full-precision shape, waiting for `load_checkpoint_tensor("weight", w)`, which
 `anita.model.checkpoint` calls while streaming a checkpoint, so a model loads straight into 4
-bits. An empty module's state_dict is exactly what a checkpoint provides: `weight` (O, I).
+bits. An empty layer's state_dict is exactly what a checkpoint provides: `weight` (O, I); a loaded
+one's is `weight` plus the state's tensors as `weight_absmax`, `weight_code`, `weight_meta`, ...
 
 Shape letters: B batch, T time, I in_features, O out_features, N = O·I weight elements.
 """
@@ -24,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anita.dtypes import WEIGHT_DTYPES, parse_dtype
 from anita.errors import AnitaError
-from anita.quant.nf4 import BLOCKSIZES, DTYPES, NF4State, dequantize_nf4, quantize_nf4
+from anita.quant.nf4 import BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
 
 BACKENDS = ("bnb", "torch")
 STATE_FIELDS = ("absmax", "code", "meta", "absmax_scale", "absmax_offset", "absmax_code")  # NF4State.to_tensors keys
@@ -75,15 +79,17 @@ class Linear4bit(nn.Module):
                              f"got {in_features!r}, {out_features!r}")
         if blocksize not in BLOCKSIZES:
             raise AnitaError(f"Linear4bit: blocksize {blocksize!r} is not one of {BLOCKSIZES}")
-        if compute_dtype not in DTYPES:
-            raise AnitaError(f"Linear4bit: compute_dtype {compute_dtype} is not one of float32, bfloat16, float16")
+        compute_dtype = parse_dtype(compute_dtype, WEIGHT_DTYPES, "Linear4bit compute_dtype")
         if device is not None and torch.device(device).type != "meta":
             raise AnitaError(f"Linear4bit(...) builds an empty layer on the meta device, not {device!r}; "
                              "use Linear4bit.from_linear(linear) or fill it with load_checkpoint_tensor")
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.double_quant, self.compute_dtype = blocksize, double_quant, compute_dtype
         self.backend = resolve_backend(backend, in_features, blocksize)
-        # Placeholder until a checkpoint tensor arrives: the shape a checkpoint's weight has.
+        self.is_loaded = False  # set once a weight is quantized in
+        self.state: NF4State | None = None  # what dequantizes `weight`, once loaded
+        # The packed codes (ceil(O·I/2), 1) uint8 once loaded; until then a meta placeholder with
+        # the shape a checkpoint's weight has.
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=compute_dtype, device="meta"))
 
     @classmethod
@@ -100,24 +106,10 @@ class Linear4bit(nn.Module):
         return module.train(linear.training)
 
     # ------------------------------------------------------------------------------ state
-    @property
-    def is_loaded(self) -> bool:
-        return self.weight.dtype == torch.uint8
-
-    @property
-    def state(self) -> NF4State:
-        """The NF4State of the stored weight, a view of this module's buffers."""
-        self._check_loaded()
-        b = self._buffers
-        return NF4State(b["weight_absmax"], (self.out_features, self.in_features), self.weight_dtype,
-                        self.blocksize, b["weight_code"], b.get("weight_absmax_scale"),
-                        b.get("weight_absmax_offset"), b.get("weight_absmax_code"))
-
     def _set_quantized(self, packed: torch.Tensor, state: NF4State) -> None:
         self.weight = packed  # replaces the buffer (and the meta placeholder)
-        self.weight_dtype = state.dtype  # dtype the weight had before quantization
-        for name, tensor in state.to_tensors().items():
-            self.register_buffer(f"weight_{name}", tensor)
+        self.state = state
+        self.is_loaded = True
 
     def _check_loaded(self) -> None:
         if not self.is_loaded:
@@ -137,6 +129,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (O, I) as a dense tensor in `dtype` (default: compute_dtype), no gradient."""
+        self._check_loaded()
         return dequantize_nf4(self.weight, self.state, dtype or self.compute_dtype)
 
     # ---------------------------------------------------------------------------- forward
@@ -173,16 +166,26 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         """Move with the model but never cast: `model.to(torch.bfloat16)` must not round the scales.
 
-        `Module.to`/`.cuda()`/`.half()` call `fn` on every tensor and cast only floating ones;
-        the packed weight is uint8, so `fn(weight)` is just moved, and the rest follows it.
+        `Module.to`/`.cuda()`/`.half()` call `fn` on every buffer and cast only floating ones; the
+        packed weight is uint8, so it is just moved, and the state follows it to its device.
         """
-        if not self.is_loaded:
-            return super()._apply(fn, recurse)
-        self.weight = fn(self.weight)
-        for name, buf in self._buffers.items():
-            if name != "weight" and buf is not None:
-                self._buffers[name] = buf.to(self.weight.device)
+        super()._apply(fn, recurse)
+        if self.is_loaded:
+            self.state = self.state.to(self.weight.device)
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """`weight`, and once loaded the state's tensors beside it (`weight_absmax`, ...)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_loaded:
+            for name, tensor in self.state.to_tensors().items():
+                destination[f"{prefix}weight_{name}"] = tensor
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds: the packed codes and every tensor of their state (0 while empty)."""
+        if not self.is_loaded:
+            return 0
+        return sum(t.numel() * t.element_size() for t in [self.weight, *self.state.to_tensors().values()])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -14,17 +14,20 @@ from torch import nn
 from anita.errors import AnitaError
 from anita.quant.linear import Linear4bit
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OUTPUT_LAYER = "lm_head"  # kept in full precision by default, as QLoRA does
 
 
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Names of the nn.Linear modules whose name ends with a target; unknown targets raise."""
+def _target_linears(model: nn.Module, targets: tuple[str, ...] | None) -> list[str]:
+    """Names of the nn.Linear modules whose name ends with a target (None: every one but the output
+    layer); unknown targets raise."""
     modules = dict(model.named_modules())
     linears = [n for n, m in modules.items() if type(m) is nn.Linear]
+    if targets is None:
+        return [n for n in linears if not _matches(n, OUTPUT_LAYER)]
     for t in targets:
         if any(_matches(n, t) for n in linears):
             continue
@@ -38,18 +41,19 @@ def _target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     return [n for n in linears if any(_matches(n, t) for t in targets)]
 
 
-def quantize_model(model: nn.Module, targets=TARGETS, blocksize: int = 64, double_quant: bool = True,
+def quantize_model(model: nn.Module, targets=None, blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> nn.Module:
-    """Replace, in place, every nn.Linear whose name ends with one of `targets` by a `Linear4bit`.
+    """Replace, in place, every nn.Linear whose name ends with one of `targets` by a `Linear4bit`;
+    by default every nn.Linear but `lm_head` (for Llama: the seven projections of each block).
 
     On a model whose weights are real tensors each linear is quantized on its device; on a
     model built on the meta device empty 4-bit layers are inserted, to be filled tensor by
-    tensor by the checkpoint loader (`Llama.from_pretrained(path, quantize="nf4")`).
+    tensor by the checkpoint loader (`anita.model.from_pretrained(path, quantize="nf4")`).
     Embeddings and `lm_head` stay in full precision unless named; a linear whose weight is
     shared with another module (a tied `lm_head`) cannot be quantized.
     """
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not targets:
+    targets = (targets,) if isinstance(targets, str) else None if targets is None else tuple(targets)
+    if targets == ():
         raise AnitaError("quantize_model: targets is empty; name at least one linear layer")
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -90,7 +94,7 @@ def memory_report(model: nn.Module) -> dict:
         if isinstance(module, Linear4bit):
             q["modules"] += 1
             q["params"] += module.in_features * module.out_features
-            q["bytes"] += sum(_nbytes(b) for b in module.buffers(recurse=False)) if module.is_loaded else 0
+            q["bytes"] += module.nbytes()
             seen.update(id(b) for b in module.buffers(recurse=False))
             continue
         for p in module.parameters(recurse=False):

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from anita.dtypes import WEIGHT_DTYPES, parse_dtype
 from anita.errors import AnitaError
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts for 4-bit
 ABSMAX_BLOCKSIZE = 256  # block size of the second (8-bit) level of double quantization
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights we quantize / dequantize to
-DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # how `meta` stores a dtype
+DTYPE_IDS = {dtype: i for i, dtype in enumerate(WEIGHT_DTYPES)}  # how `meta` stores a dtype: fp32 0, bf16 1, fp16 2
 CHUNK = 2**22  # elements quantized at a time: whole blocks of every size, an even count
 # QLoRA's outermost quantile 1 - (1/32 + 1/30)/2 = 0.96770833..., written to 7 digits as
 # bitsandbytes does; the unrounded value would move the code book by up to 3e-7.
@@ -220,8 +220,7 @@ class NF4State:
         """Check shapes and dtypes (and, with `check_values`, the numbers); raise naming the field."""
         if self.blocksize not in BLOCKSIZES:
             raise AnitaError(f"{where}.blocksize: {self.blocksize} is not one of {BLOCKSIZES}")
-        if self.dtype not in DTYPES:
-            raise AnitaError(f"{where}.dtype: {self.dtype} is not one of float32, bfloat16, float16")
+        parse_dtype(self.dtype, WEIGHT_DTYPES, f"{where}.dtype")
         if not self.shape or any(not isinstance(d, int) or d <= 0 for d in self.shape):
             raise AnitaError(f"{where}.shape: {self.shape} must be non-empty with positive sizes")
         N1 = -(-self.numel // self.blocksize)
@@ -253,8 +252,7 @@ def check_weight(weight, blocksize: int, what: str = "weight") -> None:
         raise AnitaError(f"{what}: expected a torch.Tensor, got {type(weight).__name__}")
     if blocksize not in BLOCKSIZES:
         raise AnitaError(f"blocksize {blocksize!r} is not supported; expected one of {BLOCKSIZES}")
-    if weight.dtype not in DTYPES:
-        raise AnitaError(f"{what}: dtype {weight.dtype} is not supported; expected float32, bfloat16 or float16")
+    parse_dtype(weight.dtype, WEIGHT_DTYPES, what)
     if weight.dim() == 0 or weight.numel() == 0:
         raise AnitaError(f"{what}: shape {tuple(weight.shape)} has no elements to quantize")
     if weight.is_meta:
@@ -312,9 +310,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     as `bitsandbytes.functional.dequantize_4bit` does.
     """
     state.validate(packed)
-    dtype = dtype or state.dtype
-    if dtype not in DTYPES:
-        raise AnitaError(f"dequantize_nf4: dtype {dtype} is not supported; expected float32, bfloat16 or float16")
+    dtype = parse_dtype(dtype or state.dtype, WEIGHT_DTYPES, "dequantize_nf4")
     N, B = state.numel, state.blocksize
     absmax = dequantize_absmax(state)  # (N1,)
     values = state.code.to(packed.device).index_select(0, unpack_nibbles(packed, N))  # (N,) code values

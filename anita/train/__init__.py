@@ -1,9 +1,16 @@
 """Training: data, the chunked next-token loss, optimizers and schedules, the shared loop with
 gradient accumulation, checkpoints and resume, data parallelism, metrics; `anita sft` on top.
 
-File map: `data.py` (JSONL -> micro-batches, packing), `logprobs.py` (chunked per-token
-log-probs), `loss.py` (SFT loss), `optim.py` (AdamW / 8-bit, schedules), `loop.py` (the loop),
+File map: `data.py` (JSONL -> micro-batches, packing), `loss.py` (SFT loss over the chunked
+log-probs of `anita.model.logprobs`), `optim.py` (AdamW / 8-bit, schedules), `loop.py` (the loop),
 `checkpoint.py` (run dir, atomic checkpoints, resume), `distributed.py` (torchrun + DDP),
 `metrics.py` (metrics.jsonl, memory, plot), `config.py` (TrainConfig, flags, TOML/YAML),
 `model.py` (base + NF4 + LoRA), `sft.py` (run_sft), `cli.py` (`anita sft`). See docs/training.md.
 """
+
+from anita.train.config import TrainConfig
+from anita.train.loop import train
+from anita.train.model import load_trainable_model
+from anita.train.sft import run_sft
+
+__all__ = ["TrainConfig", "run_sft", "train", "load_trainable_model"]

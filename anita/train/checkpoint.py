@@ -18,7 +18,6 @@ one. Tensors are read back with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -26,8 +25,8 @@ from pathlib import Path
 import torch
 
 from anita.errors import AnitaError
-from anita.lora import load_lora_state_dict, lora_state_dict, save_adapter
-from anita.lora.peft_format import PREFIX, WEIGHTS_FILE, read_adapter_weights
+from anita.files import replace_dir, write_json
+from anita.lora import load_adapter_weights, lora_state_dict, save_adapter
 from anita.train.config import differences
 from anita.train.distributed import DistInfo, barrier
 
@@ -64,15 +63,9 @@ def prepare_run_dir(config: dict, output, resume: bool, info: DistInfo) -> Path:
     barrier(info)  # every rank has checked before rank 0 writes
     if info.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        _write_json(run_file, config)
+        write_json(run_file, config)
     barrier(info)
     return out
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- RNG state
@@ -116,11 +109,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, info: Dis
         save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "trainer_state.pt")
-        _write_json(tmp / "state.json", {"step": step, "world_size": info.world_size})
+        write_json(tmp / "state.json", {"step": step, "world_size": info.world_size})
     barrier(info)
     if info.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the checkpoint appears complete, or not at all
+        replace_dir(tmp, final)  # the checkpoint appears complete, or not at all
         for _, old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
@@ -133,8 +125,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo) -> 
     if state["world_size"] != info.world_size:
         raise AnitaError(f"{path}: written by {state['world_size']} process(es), resumed with {info.world_size}; "
                          "the data order depends on it, so resume with the same number of processes")
-    tensors = read_adapter_weights(path / "adapter" / WEIGHTS_FILE)
-    load_lora_state_dict(model, {k.removeprefix(PREFIX): t for k, t in tensors.items()})
+    load_adapter_weights(model, path / "adapter")
     trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
@@ -147,8 +138,7 @@ def export_adapter(checkpoint: Path, out: Path) -> Path:
     final, tmp = Path(out) / "adapter", Path(out) / ".tmp-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint / "adapter", tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 

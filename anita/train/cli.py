@@ -8,11 +8,10 @@ parallelism. docs/training.md walks through the loop.
 from __future__ import annotations
 
 from anita.train.config import TrainConfig, add_config_arguments, config_from_args
+from anita.train.sft import run_sft
 
 
 def run(args) -> int:
-    from anita.train.sft import run_sft
-
     cfg = config_from_args(args, TrainConfig)
     records = run_sft(cfg)
     train = [r for r in records if "loss" in r]
@@ -29,7 +28,7 @@ def run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sft", help="QLoRA supervised fine-tuning or continued pre-training",
-        description="Train a LoRA adapter (on a 4-bit base with --qlora) on JSONL data: "
+        description="Train a LoRA adapter (over a 4-bit NF4 base unless --no-qlora) on JSONL data: "
                     "{'messages': [...]}, {'prompt', 'completion'} or {'text'} rows.")
     add_config_arguments(p, TrainConfig)
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ The same names work everywhere: the field `lora_r` is the flag `--lora-r` and th
 over the file, which wins over the defaults. The defaults are the SFT column of shared/RECIPE.md
 (the authors' QLoRA SFT script); fields marked "not in the recipe" are anita's own choices.
 
-DPO's config (written elsewhere) subclasses `TrainConfig`, so it reuses the loop's fields.
+DPO's config (`anita.dpo.config.DPOConfig`) subclasses `TrainConfig`, so it reuses the loop's fields.
 """
 
 from __future__ import annotations
@@ -19,14 +19,24 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anita.errors import AnitaError
+import yaml
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from anita.dtypes import PRECISIONS
+from anita.errors import AnitaError
+from anita.model.llama import PROJECTIONS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same library, as a package (an optional dependency)
+    import tomli as tomllib
+
 # Fields that may differ between a run and its `--resume`: they do not change the numbers.
 RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress"}
+# The settings of a fresh adapter; with --adapter the adapter's own are used, so these are refused.
+FRESH_ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "rslora", "targets")
 
 
-def _f(default, help: str, **kw):
+def flag(default, help: str, **kw):
     """A dataclass field with its help text (used for `--help` and docs)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
@@ -36,52 +46,55 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- what to train, where
-    model: str | None = _f(None, "HF-layout model directory or Hub id (required)")
-    data: str | None = _f(None, "training JSONL: messages, prompt/completion or text rows (required)")
-    output: str | None = _f(None, "run directory: adapter/, checkpoints/, metrics.jsonl, plot (required)")
-    eval_data: str | None = _f(None, "held-out JSONL, same formats; its loss is logged every --eval-steps")
-    adapter: str | None = _f(None, "PEFT adapter to keep training (e.g. stage 3 continues the DPO adapter), "
+    model: str | None = flag(None, "HF-layout model directory or Hub id (required)")
+    data: str | None = flag(None, "training JSONL: messages, prompt/completion or text rows (required)")
+    output: str | None = flag(None, "run directory: adapter/, checkpoints/, metrics.jsonl, plot (required)")
+    eval_data: str | None = flag(None, "held-out JSONL, same formats; its loss is logged every --eval-steps")
+    adapter: str | None = flag(None, "PEFT adapter to keep training (e.g. stage 3 continues the DPO adapter), "
                                    "with its own r, alpha, dropout and targets; default: a fresh LoRA")
     # ------------------------------------------------------------------ base model and LoRA
-    qlora: bool = _f(False, "load the base linears in 4-bit NF4 (double quantization), i.e. QLoRA (the recipe's setting; "
-                      "off by default so a plain LoRA run needs no flag)")
-    lora_r: int = _f(16, "LoRA rank r")
-    lora_alpha: float = _f(8.0, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with --rslora)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    rslora: bool = _f(False, "rank-stabilised LoRA scale alpha/sqrt(r)")
-    targets: list[str] = _f(ALL_LINEAR, "comma-separated module names to adapt, or all-linear")
-    precision: str = _f("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; not in the recipe's defaults "
-                                "here because CPUs without bf16 units are slow at it)", choices=["fp32", "bf16"])
-    gradient_checkpointing: bool = _f(True, "recompute each block's activations in the backward pass")
-    device: str = _f("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
+    qlora: bool = flag(True, "load the base linears in 4-bit NF4 (double quantization), i.e. QLoRA, as the recipe "
+                     "does; --no-qlora trains LoRA over the full-precision base")
+    lora_r: int = flag(16, "LoRA rank r of a fresh adapter")
+    lora_alpha: float = flag(8.0, "LoRA alpha of a fresh adapter (scale = alpha/r, or alpha/sqrt(r) with --rslora)")
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input of a fresh adapter")
+    rslora: bool = flag(False, "rank-stabilised LoRA scale alpha/sqrt(r) for a fresh adapter")
+    targets: list[str] = flag(list(PROJECTIONS), "comma-separated module names a fresh adapter adapts, or all-linear")
+    precision: str = flag("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; not in the recipe's defaults "
+                                "here because CPUs without bf16 units are slow at it)", choices=list(PRECISIONS))
+    gradient_checkpointing: bool = flag(True, "recompute each block's activations in the backward pass")
+    device: str = flag("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
     # ------------------------------------------------------------------------------- data
-    max_length: int = _f(8192, "longest sequence in tokens; longer rows are cut at the end")
-    packing: bool = _f(False, "pack several examples into each row (attention never crosses them)")
-    skip_bad_rows: bool = _f(False, "skip and count malformed rows instead of stopping at the first one")
+    max_length: int = flag(8192, "longest sequence in tokens; longer rows are cut at the end")
+    packing: bool = flag(False, "pack several examples into each row (attention never crosses them)")
+    skip_bad_rows: bool = flag(False, "skip and count malformed rows instead of stopping at the first one")
     # ----------------------------------------------------------------------- optimisation
-    optimizer: str = _f("paged_adamw_8bit", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)",
+    optimizer: str = flag("paged_adamw_8bit", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)",
                         choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
-    lr: float = _f(2e-4, "peak learning rate")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    scheduler: str = _f("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
-    warmup_steps: int = _f(100, "linear warm-up steps (ignored when --warmup-ratio is set)")
-    warmup_ratio: float | None = _f(None, "warm-up as a fraction of all steps (rounded up), as in HF")
-    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping; not in the recipe)")
-    batch_size: int = _f(16, "rows per micro-batch (per process)")
-    grad_accum: int = _f(8, "micro-batches accumulated per optimizer step (per process)")
-    epochs: int = _f(1, "passes over the data (ignored when --max-steps is set)")
-    max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs)")
-    seed: int = _f(42, "seed of LoRA init, data order and dropout")
-    chunk_size: int = _f(512, "tokens per chunk of the chunked output-head loss (not in the recipe)")
+    lr: float = flag(2e-4, "peak learning rate")
+    weight_decay: float = flag(0.01, "AdamW weight decay")
+    scheduler: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    warmup_steps: int = flag(100, "linear warm-up steps (ignored when --warmup-ratio is set)")
+    warmup_ratio: float | None = flag(None, "warm-up as a fraction of all steps (rounded up), as in HF")
+    max_grad_norm: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping; not in the recipe)")
+    batch_size: int = flag(16, "rows per micro-batch (per process)")
+    grad_accum: int = flag(8, "micro-batches accumulated per optimizer step (per process)")
+    epochs: int = flag(1, "passes over the data (ignored when --max-steps is set)")
+    max_steps: int | None = flag(None, "optimizer steps to run (overrides --epochs)")
+    seed: int = flag(42, "seed of LoRA init, data order and dropout")
+    chunk_size: int = flag(512, "tokens per chunk of the chunked output-head loss (not in the recipe)")
     # --------------------------------------------------------------------- run management
-    save_steps: int = _f(100, "write a checkpoint every N optimizer steps (and at the end)")
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
-    eval_steps: int | None = _f(None, "evaluate on --eval-data every N steps (always before and after)")
-    resume: bool = _f(False, "continue the run in --output from its last checkpoint")
-    progress: bool = _f(True, "show a tqdm progress bar")
+    save_steps: int = flag(100, "write a checkpoint every N optimizer steps (and at the end)")
+    keep_checkpoints: int = flag(2, "how many recent checkpoints to keep")
+    eval_steps: int | None = flag(None, "evaluate on --eval-data every N steps (always before and after)")
+    resume: bool = flag(False, "continue the run in --output from its last checkpoint")
+    progress: bool = flag(True, "show a tqdm progress bar")
 
-    def validate(self, source: str = "config") -> "TrainConfig":
-        """Raise AnitaError naming the first field that is missing or out of range."""
+    def validate(self, source: str = "config", given: set[str] = frozenset()) -> "TrainConfig":
+        """Raise AnitaError naming the first field that is missing, out of range, or set but unused.
+
+        `given` names the fields the user set (flags, config-file keys); a fresh adapter's settings
+        set beside --adapter are refused even when they equal the defaults."""
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise AnitaError(f"{source}: {name!r} is required (flag --{name.replace('_', '-')})")
@@ -106,6 +119,11 @@ class TrainConfig:
                 raise AnitaError(f"{source}: {f.name!r} must be one of {', '.join(choices)}, got {value!r}")
         if not self.targets:
             raise AnitaError(f"{source}: 'targets' must name at least one module")
+        if self.adapter:
+            unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
+            if unused:
+                raise AnitaError(f"{source}: {', '.join(unused)} set a fresh adapter's shape, but --adapter continues "
+                                 f"{self.adapter} with its own r, alpha, dropout, rsLoRA and targets; drop them")
         return self
 
     def to_dict(self) -> dict:
@@ -113,6 +131,11 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------ value checking
+def field_default(cls, name: str):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _field_type(cls, name: str):
     """The field's type with `| None` removed, and whether None is allowed."""
     hint = typing.get_type_hints(cls)[name]
@@ -151,18 +174,11 @@ def read_config_file(path, cls=TrainConfig) -> dict:
         raise AnitaError(f"{path}: no such config file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # Python 3.10: the same library, as a package
-            import tomli as tomllib
-
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise AnitaError(f"{path}: not valid TOML ({e})") from None
     elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -189,7 +205,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
     for f in dataclasses.fields(cls):
         kind, _ = _field_type(cls, f.name)
         flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = field_default(cls, f.name)
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
         if kind is bool:
@@ -207,7 +223,7 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig):
     for name, value in vars(args).items():
         if name in names:
             values[name] = coerce(cls, name, value, f"--{name.replace('_', '-')}")
-    return cls(**values).validate(getattr(args, "config", None) or "command line")
+    return cls(**values).validate(getattr(args, "config", None) or "command line", given=set(values))
 
 
 def differences(a: dict, b: dict, ignore=RESUMABLE_CHANGES) -> list[str]:

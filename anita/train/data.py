@@ -27,7 +27,8 @@ import torch
 
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
-from anita.train.logprobs import IGNORE_INDEX, next_token_labels
+from anita.model.logprobs import IGNORE_INDEX, next_token_labels
+from anita.model.tokenizer import common_prefix_length
 
 ROLES = ("system", "user", "assistant")
 
@@ -40,7 +41,6 @@ class BadRow(ValueError):
 class Example:
     input_ids: torch.Tensor  # (T,) long
     labels: torch.Tensor  # (T,) long, already shifted: labels[t] = input_ids[t+1] or IGNORE_INDEX
-    where: str  # "file:line", for messages about this row
 
     @property
     def trained_tokens(self) -> int:
@@ -124,13 +124,6 @@ def parse_row(line: str) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------- rendering
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def render_row(kind: str, row: dict, tokenizer) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 mask of the tokens to train on (the targets, before shifting)."""
     if kind == "messages":
@@ -145,17 +138,17 @@ def render_row(kind: str, row: dict, tokenizer) -> tuple[list[int], list[int]]:
     else:
         prompt = tokenizer.encode(row["prompt"])
         ids = tokenizer.encode(row["prompt"] + row["completion"]) + eos
-    start = _common_prefix(prompt, ids)  # where the completion starts (TRL's rule)
+    start = common_prefix_length(prompt, ids)  # where the completion starts (TRL's rule)
     return ids, [0] * start + [1] * (len(ids) - start)
 
 
-def make_example(ids: list[int], mask: list[int], max_length: int, where: str) -> tuple[Example, bool]:
+def make_example(ids: list[int], mask: list[int], max_length: int) -> tuple[Example, bool]:
     """Cut to `max_length` and shift the mask into labels; returns (example, was_truncated)."""
     truncated = len(ids) > max_length
     ids_t = torch.tensor(ids[:max_length], dtype=torch.long)[None]  # (1, T)
     mask_t = torch.tensor(mask[:max_length], dtype=torch.long)[None]  # (1, T)
     labels = next_token_labels(ids_t, mask_t)[0]  # (T,)
-    return Example(ids_t[0], labels, where), truncated
+    return Example(ids_t[0], labels), truncated
 
 
 def load_examples(path, tokenizer, max_length: int, skip_bad_rows: bool = False) -> tuple[list[Example], DataReport]:
@@ -178,7 +171,7 @@ def load_examples(path, tokenizer, max_length: int, skip_bad_rows: bool = False)
                 report.skipped_bad += 1
                 report.bad_lines.append(n)
                 continue
-            example, truncated = make_example(ids, mask, max_length, f"{path}:{n}")
+            example, truncated = make_example(ids, mask, max_length)
             if example.trained_tokens == 0:
                 report.dropped_truncated += 1
                 continue
@@ -237,42 +230,63 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
             "attention_mask": attention_mask, "num_tokens": torch.tensor(int((segment >= 0).sum()))}
 
 
-class MicroBatches:
-    """The run's deterministic stream of micro-batches, epoch after epoch.
+class EpochBatches:
+    """The shared loop's data contract: a deterministic, endless stream of micro-batches.
 
-    Epoch e shuffles the examples with seed + e (or keeps file order), groups them into rows
-    (`pack_rows`) and the rows into micro-batches of `batch_size`. Micro-batch i of the stream
-    is micro-batch i - e·per_epoch of epoch e, so "data position" is one integer and a resumed
-    or data-parallel run can find any micro-batch without reading the ones before it.
+    `self[i]` is micro-batch i - e·per_epoch of epoch e; epoch e orders the items with
+    `torch.randperm` seeded with seed + e (or keeps file order), and a subclass groups that order
+    into micro-batches (`group`) and turns a group into tensors (`collate`). So "data position" is
+    one integer, and a resumed or data-parallel run can find any micro-batch without reading the
+    ones before it. Iterating gives epoch 0 (what evaluation reads).
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, max_length: int, packing: bool,
-                 pad_id: int, seed: int = 0, shuffle: bool = True):
-        self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
-        self.packing, self.pad_id, self.seed, self.shuffle = packing, pad_id, seed, shuffle
-        self._lengths = [len(e.input_ids) for e in examples]
-        self._plan_epoch, self._plan = -1, []
-        self.per_epoch = len(self.plan(0))  # micro-batches per epoch
+    def __init__(self, num_items: int, seed: int, shuffle: bool):
+        self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self._epoch, self._groups = -1, []
+        self.per_epoch = len(self.groups(0))  # micro-batches per epoch
 
-    def plan(self, epoch: int) -> list[list[list[int]]]:
-        """Micro-batches of `epoch` as lists of rows of example indices."""
-        if epoch != self._plan_epoch:
-            n = len(self.examples)
-            order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-                     if self.shuffle else list(range(n)))
-            rows = pack_rows(self._lengths, order, self.max_length, self.packing)
-            self._plan = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-            self._plan_epoch = epoch
-        return self._plan
+    def group(self, order: list[int]) -> list:
+        """One epoch's item indices, in order -> its micro-batches (one entry each)."""
+        raise NotImplementedError
+
+    def collate(self, group) -> dict[str, torch.Tensor]:
+        """One entry of `group` -> the micro-batch's tensors."""
+        raise NotImplementedError
+
+    def groups(self, epoch: int) -> list:
+        """The micro-batches of `epoch`, as `group` made them (the last epoch asked is cached)."""
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist() if self.shuffle \
+                else list(range(self.num_items))
+            self._epoch, self._groups = epoch, self.group(order)
+        return self._groups
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(index, self.per_epoch)
-        rows = self.plan(epoch)[i]
-        return collate([[self.examples[j] for j in row] for row in rows], self.pad_id)
+        return self.collate(self.groups(epoch)[i])
 
     def __len__(self) -> int:
         return self.per_epoch  # one epoch; indexing past it continues into the next epochs
 
     def __iter__(self):
-        """The micro-batches of epoch 0 (what evaluation reads)."""
         return (self[i] for i in range(self.per_epoch))
+
+
+class MicroBatches(EpochBatches):
+    """SFT's micro-batches: each epoch's examples grouped into rows (`pack_rows`), the rows into
+    micro-batches of `batch_size` rows, collated by `collate`."""
+
+    def __init__(self, examples: list[Example], batch_size: int, max_length: int, packing: bool,
+                 pad_id: int, seed: int = 0, shuffle: bool = True):
+        self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
+        self.packing, self.pad_id = packing, pad_id
+        self._lengths = [len(e.input_ids) for e in examples]
+        super().__init__(len(examples), seed, shuffle)
+
+    def group(self, order: list[int]) -> list[list[list[int]]]:
+        rows = pack_rows(self._lengths, order, self.max_length, self.packing)
+        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        return collate([[self.examples[j] for j in row] for row in rows], self.pad_id)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from anita.model.checkpoint import parse_device
+from anita.runtime import parse_device
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
-
-
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's `obj` on every rank (e.g. a decision only rank 0 can take)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:

@@ -33,7 +33,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from anita.dtypes import PRECISIONS
 from anita.errors import AnitaError
+from anita.runtime import eval_mode
 from anita.train import checkpoint as ckpt
 from anita.train.config import TrainConfig
 from anita.train.distributed import DistInfo, all_reduce_sum, maybe_no_sync, wrap_ddp
@@ -78,7 +80,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast for --precision bf16 (the loss stays fp32 inside), else a no-op."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
 
 
 # ------------------------------------------------------------------------- one step
@@ -146,17 +148,15 @@ def check_finite(record: dict, last_checkpoint) -> None:
 def evaluate(module: LossModule, data, cfg: TrainConfig, info: DistInfo) -> tuple[float, dict]:
     """Mean loss per unit over one pass of `data` (each process takes every n-th micro-batch), and
     the loss function's metrics averaged the same way (count-weighted; DPO's reward accuracy)."""
-    was_training = module.training
-    module.eval()  # no dropout
     sums = torch.zeros(2, dtype=torch.float64)
     metric_sums: dict[str, float] = {}
-    for i in range(info.rank, data.per_epoch, info.world_size):
-        with autocast(cfg, info.device):
-            loss_sum, count, metrics = module(to_device(data[i], info.device))
-        sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
-        for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * float(count)
-    module.train(was_training)
+    with eval_mode(module):  # no dropout
+        for i in range(info.rank, data.per_epoch, info.world_size):
+            with autocast(cfg, info.device):
+                loss_sum, count, metrics = module(to_device(data[i], info.device))
+            sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * float(count)
     keys = sorted(metric_sums)
     reduced = all_reduce_sum(torch.cat([sums, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64)]),
                              info).tolist()

@@ -2,7 +2,7 @@
 
     loss = − Σ_t log p(labels_t | tokens_<=t)  over positions with a label,  divided by their count
 
-The per-token log-probs come from `anita.train.logprobs.token_logps`, which applies the output
+The per-token log-probs come from `anita.model.logprobs.token_logps`, which applies the output
 head chunk by chunk with fp32 log-softmax, so the (B, T, V) fp32 logits never exist at once
 (the memory trick of fused linear cross-entropy; Liger Kernel, arXiv 2410.10989).
 
@@ -17,20 +17,8 @@ Shapes: B batch, T time, D model dim, V vocab.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from anita.errors import AnitaError
-from anita.train.logprobs import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, token_logps
-
-
-def output_head_weight(model) -> torch.Tensor:
-    """`lm_head.weight` (V, D); refuses a head that is not a plain linear (e.g. adapted by LoRA),
-    whose output the chunked loss would otherwise silently get wrong."""
-    head = model.lm_head
-    if type(head) is not nn.Linear or head.bias is not None:
-        raise AnitaError(f"chunked loss: lm_head must be a plain bias-free nn.Linear, got {type(head).__name__}; "
-                         "leave lm_head out of the LoRA targets")
-    return head.weight
+from anita.model.logprobs import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, output_head_weight, token_logps
 
 
 def sft_loss(model, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):

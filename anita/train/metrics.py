@@ -10,12 +10,15 @@ metrics the loss function adds); an evaluation record holds step and eval_loss. 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+from tqdm import tqdm
+
+from anita.files import write_text
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
@@ -42,9 +45,7 @@ class MetricsLog:
         if not self.path.is_file():
             return
         kept = [r for r in self.read() if r["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -56,15 +57,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
 def plot_metrics(records: list[dict], path) -> None:
     """Four panels against the step: train and eval loss, learning rate, grad norm, tokens/s."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     fig = Figure(figsize=(10, 7))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from anita.dtypes import PRECISIONS
 from anita.lora import LoraConfig, apply_lora, load_adapter
-from anita.model import Llama
+from anita.model import from_pretrained
 from anita.train.config import TrainConfig
 from anita.train.distributed import DistInfo
 
@@ -25,12 +26,12 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo, adapter: str | None =
     """(model, LoraReport): the base loaded on this process's device, LoRA applied, the rest frozen.
 
     The LoRA init is seeded with --seed, so every process starts from the same adapter.
-    With `adapter` (a PEFT adapter directory; DPO's --adapter, added for anita.dpo) that adapter is
-    loaded and trained further instead of a fresh one.
+    With `adapter` (a PEFT adapter directory) that adapter is loaded and trained further instead of
+    a fresh one.
     """
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    dtype = PRECISIONS[cfg.precision]
     quant = {"quantize": "nf4", "quantize_kwargs": {"compute_dtype": dtype}} if cfg.qlora else {}
-    model = Llama.from_pretrained(cfg.model, dtype=dtype, device=info.device, **quant)
+    model = from_pretrained(cfg.model, dtype=dtype, device=info.device, **quant)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(cfg.seed)
     report = load_adapter(model, adapter) if adapter else apply_lora(model, lora_config(cfg))

@@ -19,6 +19,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from anita.errors import AnitaError
+from anita.quant.linear import import_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -33,10 +34,9 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0,
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name in ("adamw_8bit", "paged_adamw_8bit"):
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise AnitaError(f"optimizer {name!r} needs bitsandbytes (pip install bitsandbytes)") from None
+        bnb = import_bitsandbytes()
+        if bnb is None:
+            raise AnitaError(f"optimizer {name!r} needs bitsandbytes, which cannot be imported; use 'adamw'")
         cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
         return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise AnitaError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from anita.model import Tokenizer
 from anita.train.checkpoint import prepare_run_dir
 from anita.train.config import TrainConfig
 from anita.train.data import MicroBatches, load_examples
@@ -26,8 +27,7 @@ def load_data(path, tokenizer, cfg: TrainConfig, info: DistInfo, shuffle: bool) 
 
 def run_sft(cfg: TrainConfig) -> list[dict]:
     """Train and return the metrics records; the run directory is `cfg.output`."""
-    from anita.model import Tokenizer
-
+    cfg.validate()
     info = init_distributed(cfg.device)
     try:
         tokenizer = Tokenizer.from_pretrained(cfg.model)

@@ -14,8 +14,7 @@ inputs, return_outputs)`. `_trl_losses` calls that method on a minimal stand-in 
 whose per-token log-probs sum to the given sequence log-probs. It returns the batch mean, so
 per-example values come from one call per example (aot/aot_unpaired sort across the batch: they
 are compared on the batch mean). Where TRL differs by design it is not used as the oracle and the
-formula is: "sigmoid" with label smoothing (TRL 1.16 ignores ε there; cDPO is checked by hand) and
-"bco_pair" with a running-mean shift δ ≠ 0 (TRL 1.16 has δ = 0).
+formula is: "sigmoid" with label smoothing (TRL 1.16 ignores ε there; cDPO is checked by hand).
 
 Regenerate the fixture with `python tests/dpo/test_loss.py` (needs trl).
 """
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anita.dpo import LOSS_TYPES, bco_running_mean, dpo_loss, sft_loss
+from anita.dpo import LOSS_TYPES, check_loss_args, dpo_loss, rpo_nll
 from anita.errors import AnitaError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trl_losses.json"
@@ -219,12 +218,12 @@ def test_matches_trl_fixture(loss_type):
         _assert_case_matches(_ours(fixture["inputs"], case), case, case)
 
 
-def test_sft_loss_matches_trl_fixture():
-    """sft_loss == TRL's "sft" loss type (the NLL term RPO adds) on the stored per-token batch."""
+def test_rpo_nll_matches_trl_fixture():
+    """rpo_nll == TRL's "sft" loss type (the NLL term RPO adds) on the stored per-token batch."""
     sft = json.loads(FIXTURE.read_text())["sft"]
     token_logps, mask = torch.tensor(sft["token_logps"]), torch.tensor(sft["mask"])
     chosen_logps, chosen_mask = token_logps[:2], mask[:2]  # the batch is [chosen; rejected]
-    assert sft_loss(chosen_logps, chosen_mask).item() == pytest.approx(sft["loss"], rel=1e-6)
+    assert rpo_nll(chosen_logps, chosen_mask).item() == pytest.approx(sft["loss"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -262,13 +261,13 @@ def test_matches_live_trl_on_random_inputs(trl_available, loss_type):
     _assert_case_matches(_ours(inputs, case), _trl_case(inputs, case), case)
 
 
-def test_sft_loss_matches_live_trl(trl_available):
-    """sft_loss == TRL's "sft" loss type on random per-token log-probs with ragged masks."""
+def test_rpo_nll_matches_live_trl(trl_available):
+    """rpo_nll == TRL's "sft" loss type on random per-token log-probs with ragged masks."""
     g = torch.Generator().manual_seed(7)
     shift_mask = torch.rand(6, 9, generator=g) < 0.7  # [2B, T-1], B = 3
     token_logps = -torch.rand(6, 9, generator=g) * 8 * shift_mask
     expected, _ = _trl_losses("sft", token_logps, shift_mask, torch.zeros(3), torch.zeros(3), beta=0.1)
-    assert sft_loss(token_logps[:3], shift_mask[:3]).item() == pytest.approx(expected, rel=1e-6)
+    assert rpo_nll(token_logps[:3], shift_mask[:3]).item() == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,18 +343,13 @@ def test_exo_nca_bco_sppo_apo_discopop_at_zero_margin():
         assert losses.item() == pytest.approx(value, rel=1e-12), loss_type
 
 
-def test_bco_shift_and_running_mean():
-    """bco_pair with r_w = r_l = δ is 2 ln 2 whatever δ is (the shift centres both rewards).
-    Running mean: step 1 with batch rewards [1, 3; 0, 0] has batch mean 1 -> δ = 1; step 2 with
-    batch mean 4 -> δ = (1 + 4)/2 = 2.5."""
-    beta, delta = 0.1, 0.7
-    args = (_t(-3.0), _t(-8.0), _t(-10.0), _t(-15.0))  # ρ_w = ρ_l = 7, r = 0.7 = δ
-    losses, _, _ = dpo_loss(*args, beta=beta, loss_type="bco_pair", bco_delta=delta)
-    assert losses.item() == pytest.approx(2 * math.log(2.0), rel=1e-12)
-    mean, steps = bco_running_mean(0.0, 0, _t(1.0, 3.0), _t(0.0, 0.0))
-    assert (mean.item(), steps) == (1.0, 1)
-    mean, steps = bco_running_mean(mean, steps, _t(4.0, 4.0), _t(4.0, 4.0))
-    assert (mean.item(), steps) == (2.5, 2)
+def test_bco_pair_hand_value():
+    """bco_pair is −log σ(r_w) − log σ(−r_l), each reward on its own (not their margin).
+    ρ_w = −3 − (−10) = 7 and ρ_l = −8 − (−7) = −1 at β = 0.1: r_w = 0.7, r_l = −0.1, so the loss is
+    −log σ(0.7) − log σ(0.1) = log(1 + e^−0.7) + log(1 + e^−0.1)."""
+    args = (_t(-3.0), _t(-8.0), _t(-10.0), _t(-7.0))
+    losses, _, _ = dpo_loss(*args, beta=0.1, loss_type="bco_pair")
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.7)) + math.log1p(math.exp(-0.1)), rel=1e-12)
 
 
 def test_aot_sorts_the_batch():
@@ -386,11 +380,11 @@ def test_sigmoid_norm_is_length_normalised_dpo():
     assert simpo.item() == pytest.approx(-F.logsigmoid(_t(2.0 * (-2.0 / 4 + 12.0 / 2))).item(), rel=1e-12)
 
 
-def test_sft_loss_hand_value():
+def test_rpo_nll_hand_value():
     """Token log-probs [[−1, −2, (pad)], [−3, (pad), (pad)]]: −(−1 − 2 − 3)/3 = 2."""
     token_logps = _t(-1.0, -2.0, -99.0, -3.0, -99.0, -99.0).view(2, 3)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert sft_loss(token_logps, mask).item() == pytest.approx(2.0)
+    assert rpo_nll(token_logps, mask).item() == pytest.approx(2.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,8 +535,12 @@ def test_bad_arguments_raise_anita_error():
         dpo_loss(x, x, x, x, loss_type="sigmoid_norm")
     with pytest.raises(AnitaError, match="beta must be > 0"):
         dpo_loss(x, x, x, x, beta=0.0)
-    with pytest.raises(AnitaError, match="bco_delta is only used"):
-        dpo_loss(x, x, x, x, bco_delta=0.3)
+    with pytest.raises(AnitaError, match="discopop_tau is only used by loss_type 'discopop'"):
+        dpo_loss(x, x, x, x, discopop_tau=0.3)
+    with pytest.raises(AnitaError, match="discopop_tau must be > 0"):
+        dpo_loss(x, x, x, x, loss_type="discopop", discopop_tau=0.0)
+    with pytest.raises(AnitaError, match="`chosen_lengths` must be a 1-D"):
+        dpo_loss(x, x, x, x, chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3))
     with pytest.raises(AnitaError, match="`ref_rejected_logps` must be a 1-D"):
         dpo_loss(x, x, x, _t(-1.0, -2.0, -3.0))
     with pytest.raises(AnitaError, match="or neither"):
@@ -550,7 +548,19 @@ def test_bad_arguments_raise_anita_error():
     with pytest.raises(AnitaError, match="dtype torch.int64"):
         dpo_loss(torch.tensor([1, 2]), x, x, x)
     with pytest.raises(AnitaError, match="must both be"):
-        sft_loss(torch.zeros(2, 3), torch.ones(2, 4))
+        rpo_nll(torch.zeros(2, 3), torch.ones(2, 4))
+
+
+def test_settings_are_checked_without_tensors():
+    """check_loss_args validates a run's knobs before any log-prob exists (DPOConfig and DPOSettings
+    call it); with the tensors it is the same check dpo_loss runs first."""
+    check_loss_args("robust", 0.1, label_smoothing=0.2)
+    check_loss_args("discopop", 0.1, discopop_tau=0.5)
+    with pytest.raises(AnitaError, match=r"\[0, 0.5\)"):
+        check_loss_args("robust", 0.1, label_smoothing=0.5)
+    x = _t(-1.0, -2.0)
+    with pytest.raises(AnitaError, match="`policy_rejected_logps` must be a 1-D"):
+        check_loss_args("sigmoid", 0.1, logps=(x, _t(1.0), None, None))
 
 
 if __name__ == "__main__":

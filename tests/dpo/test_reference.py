@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from anita.dpo.data import PreferenceBatches, read_preferences
-from anita.dpo.reference import (AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree, cache_key,
-                                 cached_reference, model_fingerprint, precompute_reference, read_cache)
+from anita.dpo.reference import (AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree, cache_key, cached_reference,
+                                 model_fingerprint, precompute_reference, read_cache)
 from anita.dpo.trainer import DPOSettings, concatenated_logps, dpo_step
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, lora_parameters
-from anita.model import Llama
+from anita.model import Llama, from_pretrained
 from tests.train.conftest import byte_tokenizer, tiny_run_model, write_jsonl  # noqa: F401 (fixtures)
-
 
 LN2 = torch.tensor(math.log(2)).item()  # ln 2 rounded to fp32
 ROWS = [{"prompt": "ciao", "chosen": "buongiorno", "rejected": "boh"},
@@ -34,7 +33,7 @@ def data(tmp_path, byte_tokenizer):
 
 def policy(path, dropout: float = 0.0) -> Llama:
     """The tiny model with a fresh adapter (B = 0), in training mode with checkpointing, as the loop runs it."""
-    model = Llama.from_pretrained(path)
+    model = from_pretrained(path)
     model.gradient_checkpointing = True
     torch.manual_seed(0)
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
@@ -82,7 +81,7 @@ def test_adapters_off_equals_precomputed_and_the_bare_base(data, tiny_run_model,
     model = policy(tiny_run_model)
     table = precompute_reference(model, batches, AdaptersOff(), chunk_size=16)
     move_adapter(model, seed=2)
-    base = Llama.from_pretrained(tiny_run_model)
+    base = from_pretrained(tiny_run_model)
     for batch in batches:
         off = AdaptersOff().logps(model, batch, 16)
         with torch.no_grad():
@@ -137,7 +136,7 @@ def test_reference_free_and_precomputed_errors(data, tiny_run_model, byte_tokeni
     with pytest.raises(AnitaError, match="carries no reference log-probs"):
         Precomputed().logps(model, batch, 16)
     with pytest.raises(AnitaError, match="no LoRA layers"):
-        FrozenAdapter(Llama.from_pretrained(tiny_run_model))
+        FrozenAdapter(from_pretrained(tiny_run_model))
 
 
 def test_cache_is_written_once_and_reused(tmp_path):

@@ -20,9 +20,8 @@ from anita.dpo.reference import AdaptersOff, ReferenceFree
 from anita.dpo.trainer import METRICS, DPOSettings, concatenated_logps, dpo_step
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, disable_lora, lora_parameters, merge_lora, save_adapter
-from anita.model import Llama
+from anita.model import Llama, from_pretrained, save_pretrained
 from tests.train.conftest import byte_tokenizer, tiny_run_model, write_jsonl  # noqa: F401 (fixtures)
-
 
 LN2 = torch.tensor(math.log(2)).item()
 ROWS = [{"prompt": "ciao", "chosen": "buongiorno", "rejected": "boh"},
@@ -32,7 +31,7 @@ ROWS = [{"prompt": "ciao", "chosen": "buongiorno", "rejected": "boh"},
 
 def lora_model(path, seed: int = 1, scale: float = 0.3) -> Llama:
     """The tiny model with an adapter of random (non-zero) values, so that policy != reference."""
-    model = Llama.from_pretrained(path)
+    model = from_pretrained(path)
     torch.manual_seed(0)
     apply_lora(model, LoraConfig(r=4, alpha=8))
     g = torch.Generator().manual_seed(seed)
@@ -114,7 +113,7 @@ def test_reference_free_rewards_are_the_policy_logps(tiny_run_model, batch):
 
 
 def test_settings_are_checked_up_front():
-    with pytest.raises(AnitaError, match="unknown loss type 'dpo'"):
+    with pytest.raises(AnitaError, match="unknown loss_type 'dpo'"):
         DPOSettings(loss_type="dpo")
     with pytest.raises(AnitaError, match="beta must be > 0"):
         DPOSettings(beta=0.0)
@@ -137,7 +136,7 @@ def test_step_agrees_with_trl_dpo_trainer(tmp_path, tiny_run_model, batch, loss_
     settings = DPOSettings(beta=0.3, loss_type=loss_type, rpo_alpha=rpo_alpha)
     with torch.no_grad():
         loss_sum, count, ours = dpo_step(model, batch, settings, AdaptersOff())
-    merge_lora(model).save_pretrained(tmp_path / "merged")
+    save_pretrained(merge_lora(model), tmp_path / "merged")
     hf = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)  # noqa: E731
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tiny_run_model / "tokenizer.json"),
                                   eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
@@ -167,10 +166,10 @@ def toy_rows(n: int, offset: int = 0) -> list[dict]:
 
 def run_cli(tmp_path, model_dir, name: str, *extra) -> list[dict]:
     out = tmp_path / name
+    fresh = [] if "--adapter" in extra else ["--lora-r", "4", "--lora-alpha", "8"]  # an adapter keeps its own
     argv = ["dpo", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"), "--output", str(out),
             "--optimizer", "adamw", "--batch-size", "4", "--grad-accum", "1", "--max-length", "64",
-            "--max-prompt-length", "48", "--lora-r", "4", "--lora-alpha", "8", "--no-progress",
-            "--reference-cache", str(tmp_path / "cache"), *extra]
+            "--max-prompt-length", "48", *fresh, "--no-progress", "--reference-cache", str(tmp_path / "cache"), *extra]
     assert main(argv) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -228,7 +227,7 @@ def test_config_file_sets_dpo_keys(tmp_path):
     """--config TOML with DPO keys; flags given on the command line win over the file."""
     import argparse
 
-    from anita.dpo.cli import DPOConfig
+    from anita.dpo import DPOConfig
     from anita.train.config import add_config_arguments, config_from_args
 
     (tmp_path / "c.toml").write_text('model = "m"\ndata = "d"\noutput = "o"\nbeta = 0.25\nloss = "ipo"\n'

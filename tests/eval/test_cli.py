@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from anita.cli import main
-from anita.eval.mc import evaluate_mc, read_questions
-from anita.model import Llama, Tokenizer
-from anita.model.cli import load_for_inference
+from anita.eval.mc import choice_loglikelihoods, evaluate_mc, read_questions
+from anita.lora import LoraConfig, apply_lora, load_for_inference, lora_layers, save_adapter
+from anita.model import Tokenizer, from_pretrained
 from tests.eval.make_fixtures import SAMPLE
 from tests.eval.tiny import save_tiny
 
@@ -31,7 +32,7 @@ def test_task_prints_the_metrics_as_json(tiny_dir, capsys):
                          "--batch-size", "2", "--limit", "4", "--seed", "5")
     assert code == 0 and err == ""
     result = json.loads(out)
-    want = evaluate_mc(Llama.from_pretrained(tiny_dir), Tokenizer.from_pretrained(tiny_dir), read_questions(SAMPLE),
+    want = evaluate_mc(from_pretrained(tiny_dir), Tokenizer.from_pretrained(tiny_dir), read_questions(SAMPLE),
                        num_fewshot=2, seed=5, limit=4)
     assert result == pytest.approx(want)
     assert {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n"} <= result.keys() and result["n"] == 4
@@ -58,6 +59,20 @@ def test_bad_flags(tiny_dir, capsys, argv, message):
     assert code == 2 and out == "" and message in err
 
 
+@pytest.mark.parametrize("kind, argv, message", [
+    ("--task", ["--window", "8"], "--window: only for --perplexity"),
+    ("--task", ["--window", "8", "--stride", "4"], "--window, --stride: only for --perplexity"),
+    ("--perplexity", ["--add-bos"], "--add-bos: only for --task"),
+    ("--perplexity", ["--num-fewshot", "1", "--limit", "2"], "--num-fewshot, --limit: only for --task"),
+])
+def test_flags_the_evaluation_would_ignore_are_refused(tiny_dir, capsys, tmp_path, kind, argv, message):
+    """A flag that the chosen evaluation would not read is an error naming it, before any loading."""
+    data = SAMPLE if kind == "--task" else tmp_path / "pagina.txt"
+    (tmp_path / "pagina.txt").write_text("Roma sa di sole e di sale.")
+    code, out, err = run(capsys, "--model", str(tiny_dir), kind, str(data), *argv)
+    assert code == 2 and out == "" and message in err and "Traceback" not in err
+
+
 def test_bad_row_exits_2_naming_the_line_without_traceback(tmp_path):
     """Run as a real process: the message names file:line, and nothing reaches stdout."""
     task = tmp_path / "task.jsonl"
@@ -76,24 +91,19 @@ def test_missing_task_file(tiny_dir, capsys, tmp_path):
 
 def test_adapter_is_applied(tiny_dir, capsys, tmp_path):
     """A LoRA adapter with B ≠ 0 changes the scores; --adapter gives the in-memory adapted model's."""
-    lora = pytest.importorskip("anita.lora")
-    import torch
-
-    model = Llama.from_pretrained(tiny_dir)
-    lora.apply_lora(model, lora.LoraConfig(r=4, alpha=8.0))
+    model = from_pretrained(tiny_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8.0))
     torch.manual_seed(0)
-    for layer in lora.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
-    lora.save_adapter(model, tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     tok, questions = Tokenizer.from_pretrained(tiny_dir), read_questions(SAMPLE)[:2]
     code, out, _ = run(capsys, "--model", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--task", str(SAMPLE),
                        "--limit", "2")
     assert code == 0
-    from anita.eval.mc import choice_loglikelihoods
-
     contexts = [q.context for q in questions]
     adapted = choice_loglikelihoods(model.eval(), tok, questions, contexts)
-    base = choice_loglikelihoods(Llama.from_pretrained(tiny_dir), tok, questions, contexts)
+    base = choice_loglikelihoods(from_pretrained(tiny_dir), tok, questions, contexts)
     loaded, _ = load_for_inference(tiny_dir, tmp_path / "adapter")  # what `anita eval --adapter` scores with
     assert abs(adapted[0][0] - base[0][0]) > 1e-3
     for a, b in zip(choice_loglikelihoods(loaded, tok, questions, contexts), adapted):

@@ -10,7 +10,7 @@ import json
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from anita.model import Tokenizer
+from anita.model import Tokenizer, save_pretrained
 from tests.conftest import tiny_model
 
 MERGES = [("Ġ", "c"), ("Ġc", "a"), ("s", "a"), ("Ġ", "R"), ("o", "m"), ("Ġ", "s")]
@@ -46,7 +46,7 @@ def tiny_mc_model(**overrides):
 
 def save_tiny(path):
     """Write the tiny model and tokenizer as an HF-layout directory (loadable by anita and transformers)."""
-    tiny_mc_model().save_pretrained(path)
+    save_pretrained(tiny_mc_model(), path)
     tiny_backend().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(CONFIG))
     return path

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from anita.model import save_pretrained  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
 HERE = Path(__file__).parent / "fixtures"
@@ -51,7 +52,7 @@ def main():
     logits = {}
     for name, (variant, lora) in ADAPTERS.items():
         with tempfile.TemporaryDirectory() as d:
-            tiny_model(variant).save_pretrained(d)
+            save_pretrained(tiny_model(variant), d)
             model = peft_model(d, **lora)
             model.peft_config["default"].base_model_name_or_path = f"tests/conftest.py tiny_model({variant!r})"
             model.save_pretrained(HERE / name)

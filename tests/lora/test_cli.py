@@ -9,7 +9,7 @@ import torch
 
 from anita.cli import main
 from anita.lora import LoraConfig, apply_lora, save_adapter
-from anita.model import Llama
+from anita.model import from_pretrained
 from tests.conftest import tiny_model
 from tests.lora.test_model import X, _randomize_adapters
 
@@ -40,7 +40,7 @@ def test_merge_writes_a_model_with_the_adapted_logits(base_and_adapter, tmp_path
                      "tokenizer_config.json"]
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     with torch.no_grad():
-        torch.testing.assert_close(Llama.from_pretrained(out)(X), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_pretrained(out)(X), expected, atol=1e-5, rtol=0)
 
 
 def test_transformers_loads_the_merged_model_with_the_adapted_logits(base_and_adapter, tmp_path):
@@ -58,7 +58,7 @@ def test_merge_in_bf16_writes_bf16(base_and_adapter, tmp_path):
     out = tmp_path / "merged"
     assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(out),
                  "--dtype", "bfloat16"]) == 0
-    merged = Llama.from_pretrained(out, dtype="bfloat16")
+    merged = from_pretrained(out, dtype="bfloat16")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with torch.no_grad():
         assert (merged(X).float() - expected).abs().max() < 0.05  # bf16 weights and activations

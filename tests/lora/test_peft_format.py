@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
-from anita.model import Llama
+from anita.model import from_pretrained
 from tests.conftest import tiny_model
 from tests.lora.test_model import X, _randomize_adapters
 
@@ -101,7 +101,7 @@ def test_anita_loads_what_peft_saves(kind, tiny_checkpoint, tmp_path):
     lora = dict(config, lora_alpha=config.pop("alpha"))
     peft_lm = peft_model(tiny_checkpoint(variant), **lora)
     peft_lm.save_pretrained(tmp_path)
-    model = Llama.from_pretrained(tiny_checkpoint(variant))
+    model = from_pretrained(tiny_checkpoint(variant))
     load_adapter(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(model(X), peft_lm(X).logits, atol=1e-4, rtol=0)
@@ -244,3 +244,21 @@ def test_loading_into_a_model_with_lora_and_saving_without_are_refused(tmp_path)
         load_adapter(model, adapter)
     with pytest.raises(AnitaError, match="has no LoRA layers"):
         save_adapter(tiny_model("llama3"), tmp_path / "empty")
+
+
+@pytest.mark.parametrize("init, accepted", [(True, True), (False, True), ("gaussian", True), ("pissa", False),
+                                            ("olora", False), ("loftq", False), ("eva", False)])
+def test_init_lora_weights_anita_cannot_reproduce_is_refused(init, accepted, tmp_path):
+    """PEFT's true / false / "gaussian" only choose a new adapter's start, which the loaded weights
+    replace; PiSSA, OLoRA, LoftQ, EVA and the like also rewrite the base weights, so such an adapter
+    does not compute base + BA over anita's base and is refused by name."""
+    adapter = _saved(tmp_path)
+    _edit_config(adapter, init_lora_weights=init)
+    model = tiny_model("llama3")
+    if accepted:
+        load_adapter(model, adapter)
+        assert lora_layers(model)
+    else:
+        with pytest.raises(AnitaError, match=f"init_lora_weights='{init}' is not supported"):
+            load_adapter(model, adapter)
+        assert not lora_layers(model)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY_VARIANTS, tiny_model  # noqa: E402
 
 from anita.assets import smollm2_dir  # noqa: E402
+from anita.model import save_pretrained
 
 HERE = Path(__file__).parent / "fixtures"
 INPUT = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -35,7 +36,7 @@ def main():
     out = {}
     for variant in TINY_VARIANTS:
         with tempfile.TemporaryDirectory() as d:
-            tiny_model(variant).save_pretrained(d)
+            save_pretrained(tiny_model(variant), d)
             hf = hf_model(d)
             out[f"{variant}.logits"] = hf(INPUT).logits.contiguous()
             pos = (PAD_MASK.cumsum(-1) - 1).clamp(min=0)

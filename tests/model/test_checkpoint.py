@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anita.errors import AnitaError
-from anita.model import Llama
-from anita.model.checkpoint import resolve_model_dir
+from anita.hub import resolve_model_dir
+from anita.model import from_pretrained, save_pretrained
 from tests.conftest import tiny_model
 
 
@@ -22,32 +22,32 @@ def _copy_checkpoint(src, dst):
 
 
 def test_roundtrip_in_bf16_and_dtype_cast(tiny_checkpoint, tmp_path):
-    model = Llama.from_pretrained(tiny_checkpoint("llama3.2"), dtype=torch.bfloat16)
+    model = from_pretrained(tiny_checkpoint("llama3.2"), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and model.lm_head.weight is model.model.embed_tokens.weight
-    model.save_pretrained(tmp_path / "out")
+    save_pretrained(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")  # tied: stored once
-    again = Llama.from_pretrained(tmp_path / "out", dtype="bfloat16")
+    again = from_pretrained(tmp_path / "out", dtype="bfloat16")
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
 
 
 def test_sharded_save_writes_an_index_and_loads_back(tmp_path):
     model = tiny_model("llama3")
-    model.save_pretrained(tmp_path, max_shard_size=40_000)
+    save_pretrained(model, tmp_path, max_shard_size=40_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
     assert set(index["weight_map"]) == set(model.state_dict())
     x = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        torch.testing.assert_close(Llama.from_pretrained(tmp_path)(x), model(x))
+        torch.testing.assert_close(from_pretrained(tmp_path)(x), model(x))
 
 
 def test_transformers_loads_what_anita_saves(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny_model("llama3.2")
-    model.save_pretrained(tmp_path, max_shard_size=40_000)
+    save_pretrained(model, tmp_path, max_shard_size=40_000)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     x = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():
@@ -61,9 +61,9 @@ def test_hub_repo_id_resolves_from_the_local_cache_offline(tiny_checkpoint, tmp_
     _copy_checkpoint(tiny_checkpoint("llama3"), snapshot)
     (tmp_path / "hub" / "models--anita--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--anita--tiny" / "refs" / "main").write_text("a" * 40)
-    code = ("from anita.model import Llama; m = Llama.from_pretrained('anita/tiny'); print(m.config.num_hidden_layers)\n"
+    code = ("from anita.model import from_pretrained; m = from_pretrained('anita/tiny'); print(m.config.num_hidden_layers)\n"
             "from anita.errors import AnitaError\n"
-            "try: Llama.from_pretrained('anita/not-cached')\n"
+            "try: from_pretrained('anita/not-cached')\n"
             "except AnitaError as e: print('ERR', e)")
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -110,7 +110,7 @@ def test_damaged_checkpoints_name_the_file_and_tensor(tiny_checkpoint, tmp_path,
     elif damage == "config-json":
         (path / "config.json").write_text("{\n  oops")
     with pytest.raises(AnitaError, match=message) as err:
-        Llama.from_pretrained(path)
+        from_pretrained(path)
     assert str(path) in str(err.value)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anita.errors import AnitaError
-from anita.model import Llama, Tokenizer
+from anita.model import Tokenizer
 from anita.model.gguf import convert_gguf, hf_name, unpermute_qk
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anita.model import KVCache, Llama, LlamaConfig
+from anita.model import KVCache, Llama, LlamaConfig, from_pretrained
 from anita.model.llama import attention_mask_4d, rope_inv_freq
 from tests.conftest import TINY_VARIANTS, tiny_config, tiny_model
 from tests.model.make_fixtures import INPUT, PAD_MASK
@@ -37,7 +37,7 @@ def test_logits_match_live_transformers(variant, padding, tiny_checkpoint):
     transformers = pytest.importorskip("transformers")
     path = tiny_checkpoint(variant)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = Llama.from_pretrained(path)
+    ours = from_pretrained(path)
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     if padding == "left":

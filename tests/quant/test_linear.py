@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anita.errors import AnitaError
-from anita.quant import Linear4bit, dequantize_nf4, quantize_nf4
+from anita.quant import Linear4bit, NF4State, dequantize_nf4, quantize_nf4
 from anita.quant.linear import import_bitsandbytes
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -100,6 +100,24 @@ def test_empty_meta_layer_filled_by_the_loader_hook():
     assert torch.equal(layer(_x()), ref(_x()))
 
 
+def test_the_nf4_state_is_one_object_beside_the_packed_weight():
+    """A layer holds the packed codes (its one buffer), the NF4State that dequantizes them, and an
+    explicit `is_loaded` flag. `.to(dtype)` moves the layer but never casts the state's fp32 scales;
+    `nbytes` counts exactly what its state_dict holds."""
+    layer = Linear4bit(128, 48, backend="torch")
+    assert layer.is_loaded is False and layer.state is None
+    with pytest.raises(AnitaError, match="no weight loaded yet"):
+        layer.dequantize()
+    layer.load_checkpoint_tensor("weight", _linear().weight.detach())
+    assert layer.is_loaded is True and isinstance(layer.state, NF4State)
+    assert [name for name, _ in layer.named_buffers()] == ["weight"]
+    scales = layer.state.absmax_scale.clone()
+    layer.to(torch.float16)
+    assert layer.state.absmax_scale.dtype == torch.float32 and torch.equal(layer.state.absmax_scale, scales)
+    assert layer.weight.dtype == torch.uint8
+    assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("assign", [False, True])
 def test_state_dict_round_trip(double_quant, assign):
@@ -175,7 +193,7 @@ def test_backend_choice():
 @pytest.mark.parametrize("make, message", [
     (lambda: Linear4bit(0, 4), "positive ints"),
     (lambda: Linear4bit(64, 4, blocksize=100), "blocksize 100"),
-    (lambda: Linear4bit(64, 4, compute_dtype=torch.float64), "compute_dtype torch.float64"),
+    (lambda: Linear4bit(64, 4, compute_dtype=torch.float64), "compute_dtype: dtype torch.float64 is not supported"),
     (lambda: Linear4bit(64, 4, backend="cuda"), "backend 'cuda'"),
     (lambda: Linear4bit(64, 4, device="cpu"), "meta device"),
     (lambda: Linear4bit.from_linear(nn.Linear(64, 4)), "has a bias"),

@@ -1,4 +1,4 @@
-"""quantize_model, loading a checkpoint straight into NF4 (`Llama.from_pretrained(quantize="nf4")`,
+"""quantize_model, loading a checkpoint straight into NF4 (`from_pretrained(quantize="nf4")`,
 tensor by tensor through `Linear4bit.load_checkpoint_tensor`), and memory_report.
 
 Oracles: the same model quantized after a full-precision load (must be bit-identical), the
@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from anita.errors import AnitaError
-from anita.model import Llama
-from anita.quant import Linear4bit, TARGETS, format_memory_report, memory_report, quantize_model
+from anita.model import Llama, from_pretrained
+from anita.model.llama import PROJECTIONS as TARGETS
+from anita.quant import Linear4bit, format_memory_report, memory_report, quantize_model
 from tests.conftest import tiny_config, tiny_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -83,8 +84,8 @@ def test_from_pretrained_nf4_equals_quantizing_after_a_full_load(tiny_checkpoint
     """Streaming the checkpoint into empty 4-bit layers gives the very same model, bit for bit,
     as loading it in fp32 and calling quantize_model; the tied llama3.2 head stays tied."""
     path = tiny_checkpoint(variant)
-    q = Llama.from_pretrained(path, quantize="nf4")
-    ref = quantize_model(Llama.from_pretrained(path))
+    q = from_pretrained(path, quantize="nf4")
+    ref = quantize_model(from_pretrained(path))
     for (name, a), (_, b) in zip(q.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), name
     assert all(m.is_loaded and m.weight.device.type == "cpu" for m in q.modules() if isinstance(m, Linear4bit))
@@ -97,11 +98,11 @@ def test_from_pretrained_passes_quantize_kwargs(tiny_checkpoint):
     relative logit error vs the fp32 model 0.114 (same as blocksize 64: this model is tiny)."""
     path = tiny_checkpoint("llama3.1")
     kwargs = dict(blocksize=128, double_quant=False, compute_dtype=torch.float32, backend="torch")
-    q = Llama.from_pretrained(path, quantize="nf4", quantize_kwargs=kwargs)
+    q = from_pretrained(path, quantize="nf4", quantize_kwargs=kwargs)
     layer = q.model.layers[0].self_attn.o_proj
     assert (layer.blocksize, layer.double_quant, layer.compute_dtype, layer.backend) == (
         128, False, torch.float32, "torch")
-    assert _rel_error(_logits(Llama.from_pretrained(path)), _logits(q)) < 0.13
+    assert _rel_error(_logits(from_pretrained(path)), _logits(q)) < 0.13
 
 
 def test_weights_equal_transformers_bitsandbytes_4bit_load(tiny_checkpoint):
@@ -114,7 +115,7 @@ def test_weights_equal_transformers_bitsandbytes_4bit_load(tiny_checkpoint):
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu",
                                                            dtype=torch.float32)
-    ours = Llama.from_pretrained(path, quantize="nf4")
+    ours = from_pretrained(path, quantize="nf4")
     hf_modules = dict(hf.named_modules())
     layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, Linear4bit)]
     assert len(layers) == 14
@@ -172,7 +173,7 @@ def test_quantized_smollm2_answers_and_stays_close(smollm2_dir, smollm2, smollm2
     from anita.model import generate
 
     tok = smollm2_tokenizer
-    q = Llama.from_pretrained(smollm2_dir, quantize="nf4")
+    q = from_pretrained(smollm2_dir, quantize="nf4")
     assert sum(isinstance(m, Linear4bit) for m in q.modules()) == 30 * 7
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True)

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from anita.model import save_pretrained
 from tests.conftest import tiny_model
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -44,7 +45,7 @@ def bytes_of(char: str) -> int:
 def make_tiny_run_model(path, seed: int = 0):
     """A tiny Llama 3 (no rope scaling) and the byte tokenizer, saved in `path`."""
     path.mkdir(parents=True, exist_ok=True)
-    tiny_model("llama3", seed=seed, vocab_size=VOCAB, bos_token_id=256, eos_token_id=257).save_pretrained(path)
+    save_pretrained(tiny_model("llama3", seed=seed, vocab_size=VOCAB, bos_token_id=256, eos_token_id=257), path)
     write_byte_tokenizer(path)
     return path
 

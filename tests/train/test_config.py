@@ -6,7 +6,8 @@ import argparse
 import pytest
 
 from anita.errors import AnitaError
-from anita.train.config import ALL_LINEAR, TrainConfig, add_config_arguments, config_from_args
+from anita.model.llama import PROJECTIONS
+from anita.train.config import TrainConfig, add_config_arguments, config_from_args
 
 
 def parse(argv):
@@ -56,7 +57,7 @@ def test_flags_toml_and_yaml_give_the_same_config(tmp_path):
     cfg = from_flags
     assert (cfg.lora_r, cfg.targets, cfg.max_steps, cfg.qlora) == (64, ["q_proj", "v_proj"], 30, True)
     assert from_flags.batch_size == 16 and from_flags.grad_accum == 8  # the recipe's defaults stay
-    assert TrainConfig().targets == ALL_LINEAR
+    assert TrainConfig().targets == list(PROJECTIONS)
 
 
 def test_flags_override_the_file(tmp_path):
@@ -86,3 +87,26 @@ def test_missing_and_out_of_range_values():
         parse(REQUIRED + ["--lora-dropout", "1.5"])
     with pytest.raises(SystemExit):  # argparse rejects an unknown choice itself
         parse(REQUIRED + ["--optimizer", "sgd"])
+
+
+def test_recipe_defaults_qlora_and_the_targets():
+    """`anita sft` does what its help says the recipe does: a 4-bit NF4 base, LoRA on the seven
+    projections; --no-qlora is plain LoRA."""
+    assert parse(REQUIRED).qlora is True and parse(REQUIRED).targets == list(PROJECTIONS)
+    assert parse(REQUIRED + ["--no-qlora"]).qlora is False
+
+
+@pytest.mark.parametrize("flags", [["--lora-r", "32"], ["--lora-r", "16"], ["--lora-alpha", "4"],
+                                   ["--lora-dropout", "0.1"], ["--rslora"], ["--targets", "q_proj"]])
+def test_fresh_adapter_settings_beside_adapter_are_refused(flags):
+    """With --adapter the adapter keeps its own r, alpha, dropout, rsLoRA and targets, so setting
+    them is refused rather than silently dropped; even a value equal to the default (--lora-r 16)."""
+    with pytest.raises(AnitaError, match=rf"{flags[0][2:].replace('-', '_')}.*--adapter continues a.d"):
+        parse(REQUIRED + ["--adapter", "a.d", *flags])
+    assert parse(REQUIRED + ["--adapter", "a.d"]).adapter == "a.d"
+
+
+def test_fresh_adapter_settings_beside_adapter_are_refused_from_python():
+    with pytest.raises(AnitaError, match="lora_r set a fresh adapter's shape"):
+        TrainConfig(model="m", data="d", output="o", adapter="a.d", lora_r=32).validate()
+    TrainConfig(model="m", data="d", output="o", adapter="a.d").validate()

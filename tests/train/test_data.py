@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from anita.errors import AnitaError
+from anita.model.logprobs import IGNORE_INDEX as X
 from anita.train.data import MicroBatches, collate, load_examples, make_example, pack_rows
-from anita.train.logprobs import IGNORE_INDEX as X
 from tests.train.conftest import write_jsonl
 
 BOT, EOS, SH, EH, EOT = 256, 257, 258, 259, 260
@@ -113,9 +113,9 @@ def test_pack_rows_keeps_order_and_respects_max_length():
 
 
 def test_collate_packed_rows_restart_positions_and_block_attention():
-    a, _ = make_example([1, 2, 3], [0, 1, 1], 10, "a")
-    b, _ = make_example([4, 5], [1, 1], 10, "b")
-    c, _ = make_example([6, 7, 8, 9], [0, 0, 1, 1], 10, "c")
+    a, _ = make_example([1, 2, 3], [0, 1, 1], 10)
+    b, _ = make_example([4, 5], [1, 1], 10)
+    c, _ = make_example([6, 7, 8, 9], [0, 0, 1, 1], 10)
     batch = collate([[a, b], [c]], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert batch["labels"].tolist() == [[2, 3, X, 5, X], [X, 8, 9, X, X]]  # a's last token never predicts b's first
@@ -128,15 +128,15 @@ def test_collate_packed_rows_restart_positions_and_block_attention():
 
 
 def test_collate_unpacked_rows_use_a_padding_mask():
-    a, _ = make_example([1, 2, 3], [1, 1, 1], 10, "a")
-    b, _ = make_example([4], [1], 10, "b")
+    a, _ = make_example([1, 2, 3], [1, 1, 1], 10)
+    b, _ = make_example([4], [1], 10)
     batch = collate([[a], [b]], pad_id=0)
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[2, 3, X], [X, X, X]]
 
 
 def test_micro_batch_stream_is_deterministic_and_reshuffled_per_epoch():
-    examples = [make_example([i, i + 1], [1, 1], 10, str(i))[0] for i in range(6)]
+    examples = [make_example([i, i + 1], [1, 1], 10)[0] for i in range(6)]
     stream = MicroBatches(examples, batch_size=2, max_length=10, packing=False, pad_id=0, seed=3)
     again = MicroBatches(examples, batch_size=2, max_length=10, packing=False, pad_id=0, seed=3)
     assert stream.per_epoch == 3

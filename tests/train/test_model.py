@@ -33,7 +33,7 @@ def test_qlora_model_has_4bit_bases_and_only_lora_trainable(tiny_run_model):
 def test_bf16_autocast_loss_is_fp32_and_close_to_fp32(tiny_run_model):
     """The same QLoRA batch in bf16 autocast and in fp32: the loss is an fp32 number either way
     and the two agree to bf16 precision (relative 1e-2)."""
-    example, _ = make_example(list(range(40, 80)), [0] * 20 + [1] * 20, 64, "x")
+    example, _ = make_example(list(range(40, 80)), [0] * 20 + [1] * 20, 64)
     batch = collate([[example]], pad_id=0)
     losses = {}
     for precision in ("fp32", "bf16"):

@@ -1,8 +1,9 @@
-"""Tests for anita/train/logprobs.py: chunked per-token log-probs under the LM head.
+"""Tests for anita/model/logprobs.py: chunked per-token log-probs under the LM head.
 
-The oracle is the naive computation, log_softmax(hidden @ W.T) gathered at the labels, which
-builds the whole [B, T, V] logits; its mean logits are also checked against TRL's chunked
-log-prob kernel when trl is installed. Memory is proved, not timed: saved-tensor hooks record
+The oracle is the module's plain version, `plain_token_logps`: log_softmax(hidden @ W.T) gathered at
+the labels, which builds the whole [B, T, V] logits, and which is itself held equal to PyTorch's
+`cross_entropy`; the chunked mean logits are also checked against TRL's chunked log-prob kernel
+when trl is installed. Memory is proved, not timed: saved-tensor hooks record
 what autograd keeps for backward, and a dispatch mode records every tensor any op creates in
 the forward and backward passes; neither may reach B·T·V elements. Each detector is first shown
 to catch the naive implementation.
@@ -13,15 +14,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from anita.errors import AnitaError
-from anita.train import logprobs
-from anita.train.logprobs import IGNORE_INDEX, next_token_labels, sequence_logps, token_logps
+from anita.model import logprobs
+from anita.model.logprobs import IGNORE_INDEX, next_token_labels, plain_token_logps, sequence_logps, token_logps
 
-
-def _naive(hidden, weight, labels):
-    """The [B, T, V] way: log_softmax of the full fp32 logits, gathered at the labels, 0 where ignored."""
-    logits = hidden.to(torch.float32) @ weight.to(torch.float32).T  # [B, T, V]
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(logps), logps)
+_naive = plain_token_logps  # the [B, T, V] way, the version a reader meets first
 
 
 def _inputs(B=2, T=7, D=5, V=11, seed=0, dtype=torch.float32):
@@ -32,6 +28,15 @@ def _inputs(B=2, T=7, D=5, V=11, seed=0, dtype=torch.float32):
     labels[0, :2] = IGNORE_INDEX  # a prompt
     labels[1, -1] = IGNORE_INDEX  # the last position
     return hidden, weight, labels
+
+
+def test_plain_version_is_cross_entropy():
+    """plain_token_logps = −cross_entropy(logits, labels) per token, 0 where ignored (PyTorch's
+    own ignore_index is the same −100)."""
+    hidden, weight, labels = _inputs()
+    logits = hidden @ weight.T  # [B, T, V]
+    expected = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    torch.testing.assert_close(plain_token_logps(hidden, weight, labels), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 14, 100])

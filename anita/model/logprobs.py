@@ -1,42 +1,61 @@
-"""Per-token log-probabilities of labels under a linear LM head, computed chunk by chunk.
+"""Per-token log-probabilities of labels under the output head: log p(label_t | context).
 
-SFT and DPO both need log p(label_t | context) = log_softmax(h_t · Wᵀ)[label_t] for the completion
-tokens only. Done naively, the fp32 logits of a batch are a [B, T, V] tensor (for Llama 3's
-V = 128256, 8 × 1024 tokens already take 4 GiB) and autograd keeps it, or its softmax, alive until
-the backward pass. `token_logps` never builds it:
+SFT, DPO and evaluation all need log_softmax(h_t · Wᵀ)[label_t] at the positions that are scored
+(answer tokens, a continuation, a text), and nothing else. Two versions, equal up to rounding:
 
-  forward   for each chunk of n tokens: logits = h_chunk · Wᵀ in fp32 ([n, V]), logsumexp, gather the
-            label's logit; keep only the per-token logsumexp.
+- `plain_token_logps`: the definition, `log_softmax(hidden · Wᵀ)` then `gather`. Read this first;
+  the tests hold the other one equal to it.
+- `token_logps`: the same numbers without the [B, T, V] fp32 logits (for Llama 3's V = 128256,
+  8 × 1024 tokens already take 4 GiB, and autograd would keep them until backward):
+
+  forward   for each chunk of n scored tokens: logits = h_chunk · Wᵀ in fp32 ([n, V]), logsumexp,
+            gather the label's logit; keep only the per-token logsumexp.
   backward  recompute each chunk's logits, softmax p = exp(logits − logsumexp), and use
             d log p_y / d logits = onehot(y) − p  to accumulate grad_hidden and grad_W.
 
-Only positions with a label go through the head at all (a DPO batch's prompts, padding), and only
-their hidden rows, W, labels and the per-token logsumexp are saved for backward. This is the memory trick
-of fused linear cross-entropy (Liger Kernel, Hsu et al. 2024, arXiv 2410.10989; TRL's chunked
-log-prob kernel), written here as plain PyTorch: one token chunk at a time, full vocabulary per chunk.
+  Only positions with a label reach the head, and only their hidden rows, W, labels and the
+  per-token logsumexp are saved for backward: the memory trick of fused linear cross-entropy
+  (Liger Kernel, Hsu et al. 2024, arXiv 2410.10989; TRL's chunked log-prob kernel), in plain
+  PyTorch, one token chunk at a time, full vocabulary per chunk.
+
+Labels are aligned with the positions that predict them (`next_token_labels`); IGNORE_INDEX marks
+the positions that are not scored, whose log-prob is 0.
 
 Shapes: B batch, T time, D model dim, V vocab, N tokens (B·T), n tokens in one chunk.
 dtypes: hidden and W may be fp32, bf16 or fp16 (the math is fp32) or fp64 (the math is fp64, for
-gradcheck). W is cast to the compute dtype one vocabulary slice at a time, so a bf16 head (tied to
-the embeddings or not) never gets a full fp32 copy.
+gradcheck); see `anita.dtypes.math_dtype`. W is cast to the compute dtype one vocabulary slice at a
+time, so a bf16 head (tied to the embeddings or not) never gets a full fp32 copy.
 """
 
 import torch
+from torch import nn
 
+from anita.dtypes import math_dtype
 from anita.errors import AnitaError
 
 IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding); their log-prob is 0
 DEFAULT_CHUNK_SIZE = 512  # tokens per chunk: the largest temporary is [chunk, V] fp32 (256 MiB for V = 128256)
 _VOCAB_SLICE = 16384  # rows of W cast to the compute dtype at once when W is stored in another dtype
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """fp32 for half, bf16 and fp32 inputs; fp64 when either input is fp64. Other dtypes raise."""
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise AnitaError(f"token_logps: `{name}` has dtype {t.dtype}; expected one of {_FLOAT_DTYPES}")
-    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+def plain_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log_softmax(hidden · Wᵀ)[labels], the definition. hidden [B, T, D], weight [V, D], labels [B, T]
+    (IGNORE_INDEX where not scored) -> [B, T] in the compute dtype, 0 where not scored."""
+    dtype = math_dtype(hidden, weight, what="token_logps")
+    logits = hidden.to(dtype) @ weight.to(dtype).T  # [B, T, V], all of it at once
+    scored = labels != IGNORE_INDEX
+    logps = logits.log_softmax(dim=-1).gather(-1, labels.masked_fill(~scored, 0)[..., None]).squeeze(-1)
+    return logps.masked_fill(~scored, 0.0)  # [B, T]
+
+
+def output_head_weight(model) -> torch.Tensor:
+    """`lm_head.weight` (V, D); refuses a head that is not a plain linear (e.g. adapted by LoRA),
+    whose output log-probs computed from its weight would silently be wrong."""
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise AnitaError(f"log-probs: lm_head must be a plain bias-free nn.Linear, got {type(head).__name__}; "
+                         "leave lm_head out of the LoRA targets")
+    return head.weight
 
 
 def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -72,7 +91,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):
         # hidden [N, D], weight [V, D], labels [N] (IGNORE_INDEX where not scored)
-        dtype = _compute_dtype(hidden, weight)
+        dtype = math_dtype(hidden, weight, what="token_logps")
         scored = labels != IGNORE_INDEX
         targets = labels.masked_fill(~scored, 0)  # [N] a valid index everywhere, masked out below
         logps = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)  # [N]

@@ -1,0 +1,105 @@
+"""`run_dpo`: preference optimization (RECIPE.md stage 2) of a LoRA adapter on the shared loop,
+from a `DPOConfig`: read the preference data, load the base (+NF4) with a fresh or the SFT adapter,
+build the reference, and run `anita.train.loop.train` with the DPO objective. Under torchrun
+each process runs this same function.
+
+The output directory is the loop's (adapter/, checkpoints/, metrics.jsonl, training_curves.png)
+plus dpo_curves.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from anita.assets import cache_dir
+from anita.dpo.config import DPOConfig
+from anita.dpo.data import PreferenceBatches, read_preferences
+from anita.dpo.reference import (
+    AdaptersOff,
+    FrozenAdapter,
+    Precomputed,
+    ReferenceFree,
+    cache_key,
+    cached_reference,
+    model_fingerprint,
+    precompute_reference,
+)
+from anita.dpo.trainer import DPOObjective, DPOSettings, plot_preference_metrics
+from anita.model import Tokenizer
+from anita.train.checkpoint import prepare_run_dir
+from anita.train.distributed import init_distributed, shutdown
+from anita.train.loop import autocast, train
+from anita.train.model import load_trainable_model
+
+DPO_PLOT_FILE = "dpo_curves.png"
+
+
+def dpo_settings(cfg: DPOConfig) -> DPOSettings:
+    return DPOSettings(beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+                       discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, chunk_size=cfg.chunk_size)
+
+
+def build_reference(model, cfg: DPOConfig):
+    """The reference object of `anita.dpo.reference` that `cfg.reference` names."""
+    kind = cfg.reference_kind()
+    if kind == "precomputed":
+        return Precomputed()
+    if kind == "none":
+        return ReferenceFree()
+    return FrozenAdapter(model) if kind == "adapter" else AdaptersOff()
+
+
+def cache_file(cfg: DPOConfig, key: dict[str, str]) -> Path:
+    """Where the reference log-probs with this key live: a file named by the key's hash."""
+    folder = Path(cfg.reference_cache) if cfg.reference_cache else cache_dir() / "dpo-reference"
+    return folder / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".safetensors")
+
+
+def precomputed_tables(model, cfg: DPOConfig, datasets: list, info) -> list:
+    """Reference log-probs of each data set (`(data, batches)` pairs), from the cache or computed once."""
+    frozen = FrozenAdapter(model) if cfg.adapter else AdaptersOff()
+    model_hash = model_fingerprint(model, include_adapter=bool(cfg.adapter))
+    tables = []
+    for data, batches in datasets:
+        key = cache_key(data.fingerprint(), model_hash, frozen.kind, cfg.precision)
+        compute = lambda: precompute_reference(model, batches, frozen, cfg.chunk_size,  # noqa: E731
+                                               autocast=lambda: autocast(cfg, info.device))
+        table, cached = cached_reference(cache_file(cfg, key), key, compute)
+        if info.is_main:
+            print(f"{data.path}: reference log-probs ({frozen.kind}) {'read from' if cached else 'written to'} "
+                  f"{cache_file(cfg, key)}", flush=True)
+        tables.append(table)
+    return tables
+
+
+def run_dpo(cfg: DPOConfig) -> list[dict]:
+    """Train and return the metrics records; the run directory is `cfg.output`."""
+    cfg.validate()
+    info = init_distributed(cfg.device)
+    try:
+        tokenizer = Tokenizer.from_pretrained(cfg.model)
+        read = lambda path: read_preferences(path, tokenizer, max_length=cfg.max_length,  # noqa: E731
+                                             max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
+        datasets = [read(cfg.data)] + ([read(cfg.eval_data)] if cfg.eval_data else [])
+        if info.is_main:
+            print("\n".join(d.summary() for d in datasets), flush=True)
+        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after the data proved readable
+        model, report = load_trainable_model(cfg, info, adapter=cfg.adapter)
+        if info.is_main:
+            print(report, flush=True)
+        batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0)
+                   for i, d in enumerate(datasets)]
+        if cfg.reference_kind() == "precomputed":
+            tables = precomputed_tables(model, cfg, list(zip(datasets, batches)), info)
+            batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0,
+                                         ref_logps=t) for i, (d, t) in enumerate(zip(datasets, tables))]
+        objective = DPOObjective(dpo_settings(cfg), build_reference(model, cfg))
+        eval_batches = batches[1] if len(batches) > 1 else None
+        records = train(model, objective, batches[0], cfg, info, out, eval_batches, base_model=cfg.model)
+        if info.is_main and records:
+            plot_preference_metrics(records, out / DPO_PLOT_FILE)
+        return records
+    finally:
+        shutdown(info)
