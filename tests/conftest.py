@@ -61,6 +61,16 @@ def smollm2(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def transformers_smollm2():
+    """(model, tokenizer) of the same SmolLM2 GGUF file read by transformers' own GGUF loader, not
+    anita's converter; skips without transformers (shared: tests must not modify it)."""
+    pytest.importorskip("transformers")
+    from tests.model.make_fixtures import hf_gguf_smollm2
+
+    return hf_gguf_smollm2()
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir):
     from anita.model import Tokenizer
 

@@ -40,8 +40,11 @@ standard deviation (n − 1 in the denominator) over √n, null for n < 2.
 Few-shot (harness `ContextSampler`, fewshot_delimiter "\\n\\n", empty target delimiter because
 the choice carries its own space): one `random.Random(seed)` (harness default seed 1234) for the
 whole run; for each question, in file order, `rng.sample(pool, K)` picks the examples from the
-few-shot file — or, without one, `rng.sample(questions, K + 1)` with the question itself (any
-row equal to it) removed and the first K kept. The scored context is
+few-shot file, as they are (a separate split: nothing is removed) — or, without one,
+`rng.sample(questions, K + 1)` with the question itself (any row equal to it) removed and the
+first K kept; should that leave fewer than K (the task repeats the question), K are drawn again
+from the questions without any copy of it (harness 0.4.13 `ContextSampler.sample`). The scored
+context is
 
     ex_1.context + ex_1.choices[ex_1.gold] + "\\n\\n" + ...
     + ex_K.context + ex_K.choices[ex_K.gold] + "\\n\\n" + question.context
@@ -116,7 +119,8 @@ def read_questions(path) -> list[Question]:
 def fewshot_contexts(questions: list[Question], k: int, seed: int = DEFAULT_SEED,
                      pool: list[Question] | None = None) -> list[str]:
     """The scored context of each question with K examples in front (the convention in the module
-    docstring); without `pool`, examples come from `questions` themselves, never the question."""
+    docstring); without `pool`, examples come from `questions` themselves, never the question; from
+    a `pool` (a few-shot file, a separate split), K as drawn."""
     if k < 0:
         raise AnitaError(f"num_fewshot must be >= 0, got {k}")
     if k == 0:
@@ -130,7 +134,12 @@ def fewshot_contexts(questions: list[Question], k: int, seed: int = DEFAULT_SEED
     rng = random.Random(seed)
     contexts = []
     for q in questions:
-        shots = [ex for ex in rng.sample(pool, draw) if ex != q][:k]
+        shots = [ex for ex in rng.sample(pool, draw) if ex != q][:k] if from_self else rng.sample(pool, k)
+        if len(shots) < k:  # the task repeats the question: draw from the questions without it
+            others = [ex for ex in pool if ex != q]
+            if len(others) < k:
+                raise AnitaError(f"{q.where}: {k}-shot needs {k} other questions; the task has {len(others)}")
+            shots = rng.sample(others, k)
         contexts.append("".join(ex.context + ex.choices[ex.gold] + FEWSHOT_DELIMITER for ex in shots) + q.context)
     return contexts
 
