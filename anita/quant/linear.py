@@ -182,10 +182,12 @@ class Linear4bit(nn.Module):
                 destination[f"{prefix}weight_{name}"] = tensor
 
     def nbytes(self) -> int:
-        """Bytes this layer holds: the packed codes and every tensor of their state (0 while empty)."""
+        """Bytes this layer holds: the packed codes and the tensors of their state (0 while empty)."""
         if not self.is_loaded:
             return 0
-        return sum(t.numel() * t.element_size() for t in [self.weight, *self.state.to_tensors().values()])
+        s = self.state
+        held = [self.weight, s.absmax, s.code, s.absmax_scale, s.absmax_offset, s.absmax_code]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

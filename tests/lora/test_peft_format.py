@@ -11,16 +11,22 @@ from safetensors.torch import load_file, save_file
 
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
-from anita.model import from_pretrained
+from anita.model import from_pretrained, save_pretrained
 from tests.conftest import tiny_model
 from tests.lora.test_model import X, _randomize_adapters
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CONFIGS = {  # variant, anita LoraConfig: plain LoRA, rsLoRA with all linears, DoRA on a tied model
-    "lora": ("llama3", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
-    "rslora": ("llama3.1", dict(r=4, alpha=8, use_rslora=True, target_modules="all-linear")),
-    "dora": ("llama3.2", dict(r=2, alpha=4, use_dora=True)),
-}
+KINDS = ("lora", "rslora", "dora")  # plain LoRA, rsLoRA with all linears, DoRA on a tied model
+
+
+def _case(kind):
+    """(variant, anita LoraConfig kwargs) for `kind`, built afresh on every call: a test may edit
+    what it gets (rename alpha, append to target_modules) without changing what the next test sees."""
+    return {
+        "lora": ("llama3", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
+        "rslora": ("llama3.1", dict(r=4, alpha=8, use_rslora=True, target_modules="all-linear")),
+        "dora": ("llama3.2", dict(r=2, alpha=4, use_dora=True)),
+    }[kind]
 
 
 def _adapted(variant, seed=1, **config):
@@ -81,24 +87,25 @@ def test_adapters_written_by_peft_give_peft_logits(name, variant):
 
 
 # ------------------------------------------------------------------------ PEFT as oracle
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_peft_loads_what_anita_saves(kind, tiny_checkpoint, tmp_path):
     peft = pytest.importorskip("peft")
-    variant, config = CONFIGS[kind]
+    variant, config = _case(kind)
     model = _adapted(variant, **config)
     save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == config["alpha"]
     hf = peft.PeftModel.from_pretrained(_hf(tiny_checkpoint(variant)), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(X).logits, model(X), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_anita_loads_what_peft_saves(kind, tiny_checkpoint, tmp_path):
     pytest.importorskip("peft")
     from tests.lora.make_fixtures import peft_model
 
-    variant, config = CONFIGS[kind]
-    lora = dict(config, lora_alpha=config.pop("alpha"))
+    variant, config = _case(kind)
+    lora = {("lora_alpha" if k == "alpha" else k): v for k, v in config.items()}  # PEFT's name for alpha
     peft_lm = peft_model(tiny_checkpoint(variant), **lora)
     peft_lm.save_pretrained(tmp_path)
     model = from_pretrained(tiny_checkpoint(variant))
