@@ -53,7 +53,7 @@ class DPOConfig(TrainConfig):
         try:
             check_loss_args(self.loss, self.beta, self.label_smoothing, self.discopop_tau)
         except AnitaError as e:
-            raise AnitaError(f"{source}: {e}") from None
+            raise AnitaError(f"{source}: {str(e).removeprefix('dpo_loss: ')}") from None
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise AnitaError(f"{source}: 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
         if self.reference == "adapters-off" and self.adapter:

@@ -122,7 +122,7 @@ class TrainConfig:
         if self.adapter:
             unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
             if unused:
-                raise AnitaError(f"{source}: {', '.join(unused)} set a fresh adapter's shape, but --adapter continues "
+                raise AnitaError(f"{source}: {', '.join(unused)}: settings of a fresh adapter, but --adapter continues "
                                  f"{self.adapter} with its own r, alpha, dropout, rsLoRA and targets; drop them")
         return self
 

@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from anita.cli import main
+from anita.dpo import DPOConfig, dpo_loss
 from anita.dpo.data import PreferenceBatches, read_preferences
 from anita.dpo.reference import AdaptersOff, ReferenceFree
+from anita.dpo.run import dpo_settings
 from anita.dpo.trainer import METRICS, DPOSettings, concatenated_logps, dpo_step
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, disable_lora, lora_parameters, merge_lora, save_adapter
@@ -121,6 +123,28 @@ def test_settings_are_checked_up_front():
         DPOSettings(loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(AnitaError, match="rpo_alpha"):
         DPOSettings(rpo_alpha=-1.0)
+    with pytest.raises(AnitaError, match="discopop_tau is only used by loss_type 'discopop'"):
+        DPOSettings(discopop_tau=0.2)
+
+
+def test_discopop_tau_reaches_the_loss(tiny_run_model, batch):
+    """--discopop-tau is a run setting (DPOConfig -> DPOSettings -> dpo_loss): the step's loss is
+    dpo_loss with that τ, and differs from the default τ's."""
+    model = lora_model(tiny_run_model)
+    cfg = DPOConfig(model="m", data="d", output="o", loss="discopop", discopop_tau=0.5).validate()
+    settings = dpo_settings(cfg)
+    with torch.no_grad():
+        for p in lora_parameters(model):  # move the policy off the reference so the margin is not 0
+            p.add_(0.05 * torch.randn_like(p))
+        loss_sum, count, _ = dpo_step(model, batch, settings, AdaptersOff())
+        out = concatenated_logps(model, batch)
+        ref_c, ref_r = AdaptersOff().logps(model, batch, settings.chunk_size)
+        want = dpo_loss(out.chosen, out.rejected, ref_c, ref_r, beta=0.1, loss_type="discopop", discopop_tau=0.5)[0]
+        default = dpo_loss(out.chosen, out.rejected, ref_c, ref_r, beta=0.1, loss_type="discopop")[0]
+    assert math.isclose(loss_sum.item(), want.sum().item(), rel_tol=1e-6)
+    assert not math.isclose(want.sum().item(), default.sum().item(), rel_tol=1e-6)
+    with pytest.raises(AnitaError, match="command line: discopop_tau is only used by loss_type 'discopop'"):
+        DPOConfig(model="m", data="d", output="o", discopop_tau=0.5).validate("command line")
 
 
 @pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", None), ("ipo", None), ("sigmoid", 0.7)])

@@ -107,6 +107,6 @@ def test_fresh_adapter_settings_beside_adapter_are_refused(flags):
 
 
 def test_fresh_adapter_settings_beside_adapter_are_refused_from_python():
-    with pytest.raises(AnitaError, match="lora_r set a fresh adapter's shape"):
+    with pytest.raises(AnitaError, match="lora_r: settings of a fresh adapter"):
         TrainConfig(model="m", data="d", output="o", adapter="a.d", lora_r=32).validate()
     TrainConfig(model="m", data="d", output="o", adapter="a.d").validate()
