@@ -2,7 +2,8 @@
 
 Each sub-command lives beside the code it drives, in a `cli.py` with `register(subparsers)` that
 adds its parser and sets `func`; a `cli.py` parses arguments and calls library functions, and
-only this module imports one. Bad input (`AnitaError`) becomes one line on stderr and exit code 2,
+only this module imports one. `anita demo`, whose library is the single module `anita.demo`, is
+parsed here. Bad input (`AnitaError`) becomes one line on stderr and exit code 2,
 never a traceback.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from anita import demo
+from anita.demo import run_demo
 from anita.dpo import cli as dpo_cli
 from anita.errors import AnitaError
 from anita.eval import cli as eval_cli
@@ -19,14 +20,32 @@ from anita.lora import cli as lora_cli
 from anita.model import cli as model_cli
 from anita.train import cli as train_cli
 
-COMMANDS = [model_cli, eval_cli, lora_cli, train_cli, dpo_cli, demo]  # generate, convert-gguf, eval, merge, sft, dpo, demo
+
+# ------------------------------------------------------------------ anita demo (whose library is anita.demo)
+def run_demo_command(args) -> int:
+    run_demo(args.output, args.model, args.device, args.quick)
+    return 0
+
+
+def register_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole ANITA recipe in miniature, offline, and write a report")
+    p.add_argument("--model", help="HF-layout directory or Hub id (default: SmolLM2-135M-Instruct, fetched once)")
+    p.add_argument("--output", default="anita-demo", help="output directory (default: anita-demo)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run on a tiny random model (for tests)")
+    p.set_defaults(func=run_demo_command)
+
+
+# generate, convert-gguf / eval / merge / sft / dpo / demo
+REGISTER = [model_cli.register, eval_cli.register, lora_cli.register, train_cli.register, dpo_cli.register,
+            register_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anita", description="The LLaMAntino-3-ANITA recipe, readable.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub)
+    for register in REGISTER:
+        register(sub)
     return parser
 
 

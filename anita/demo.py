@@ -1,4 +1,5 @@
-"""`anita demo`: the LLaMAntino-3-ANITA recipe (shared/RECIPE.md) in miniature, offline.
+"""`run_demo` (the `anita demo` command): the LLaMAntino-3-ANITA recipe (shared/RECIPE.md) in
+miniature, offline.
 
 Stages, as in the paper, on the Italian data that ships with anita (anita/data/):
   answers before → QLoRA SFT → DPO (reference: the frozen SFT adapter) → continued pre-training
@@ -242,16 +243,3 @@ def run_demo(output="anita-demo", model: str | None = None, device: str = "cpu",
     print(f"\nreport: {report}\nmerged model: {merged}\ntotal: {sum(timings.values()):.0f} s")
     return summary
 
-
-def run(args) -> int:
-    run_demo(args.output, args.model, args.device, args.quick)
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole ANITA recipe in miniature, offline, and write a report")
-    p.add_argument("--model", help="HF-layout directory or Hub id (default: SmolLM2-135M-Instruct, fetched once)")
-    p.add_argument("--output", default="anita-demo", help="output directory (default: anita-demo)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--quick", action="store_true", help="a seconds-long run on a tiny random model (for tests)")
-    p.set_defaults(func=run)

@@ -1,8 +1,9 @@
 """Writing files so that a crash never leaves half of one: write beside the target, then rename.
 
 A rename within one file system is atomic on POSIX, so a reader (or a resumed run) sees the old
-file or the new one, never a mix. Temporary names start with "." and are unique per call, so two
-processes writing the same target cannot collide.
+file or the new one, never a mix. (No fsync: this guards against a killed process, not against
+power loss.) Temporary names start with "." and are unique per call, so two processes writing the
+same target cannot collide.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_name)` for a temporary file beside `path`, then rename it into place."""
+    """Call `write(tmp_name)` for a temporary file beside `path`, then rename it into place. The file
+    is created as `open(path, "w")` would create it, so it gets the usual permissions (the umask's)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -37,6 +39,13 @@ def write_json(path, obj) -> None:
 
 
 def replace_dir(tmp, final) -> None:
-    """Put the complete directory `tmp` at `final`, replacing what was there."""
-    shutil.rmtree(final, ignore_errors=True)
+    """Put the complete directory `tmp` at `final`. What was there is first renamed aside and
+    removed only once the new one is in place, so a crash never loses both."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+

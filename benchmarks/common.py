@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from anita.model.llama import PROJECTIONS as LORA_TARGETS  # the seven projections LoRA wraps (shared/RECIPE.md)
+from anita.dtypes import parse_dtype
+from anita.model.llama import PROJECTIONS
 
+LORA_TARGETS = PROJECTIONS  # the seven projections LoRA wraps in the recipe (shared/RECIPE.md)
 BENCHES = ("forward", "decode", "sft", "dpo")
 SYSTEMS = ("anita", "hf")
 # Dense bf16 tensor-core peak of the GPUs the CUDA workload is meant for (vendor data sheets, SXM).
@@ -86,7 +88,7 @@ def default_workload(device: str, quick: bool) -> Workload:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return parse_dtype(name)
 
 
 # ------------------------------------------------------------------------------------ batches

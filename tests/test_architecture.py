@@ -7,6 +7,7 @@
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,12 @@ def test_the_loss_imports_alone():
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('anita'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout) == ["anita", "anita.dpo", "anita.dpo.loss", "anita.dtypes", "anita.errors"]
+
+
+def test_the_readme_file_map_lists_every_module_and_nothing_stale():
+    """STYLE rule 4: one line per file in README.md's file map, kept current."""
+    readme = (ROOT.parent / "README.md").read_text()
+    modules = [str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py") if p.name != "__init__.py"]
+    assert [m for m in sorted(modules) if f"`{m}`" not in readme] == []
+    listed = {m.group(1) for m in re.finditer(r"`(anita/[\w/]+\.py)`", readme)}
+    assert [f for f in sorted(listed) if not (ROOT.parent / f).exists()] == []

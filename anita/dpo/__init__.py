@@ -38,3 +38,7 @@ def __getattr__(name: str):
     if name in LAZY_EXPORTS:
         return getattr(importlib.import_module(LAZY_EXPORTS[name]), name)
     raise AttributeError(f"module 'anita.dpo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY_EXPORTS))

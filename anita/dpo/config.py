@@ -52,8 +52,10 @@ class DPOConfig(TrainConfig):
             raise AnitaError(f"{source}: 'packing' is not supported by DPO (each pair is one row)")
         try:
             check_loss_args(self.loss, self.beta, self.label_smoothing, self.discopop_tau)
-        except AnitaError as e:
-            raise AnitaError(f"{source}: {str(e).removeprefix('dpo_loss: ')}") from None
+        except AnitaError as e:  # the message names dpo_loss's arguments; here the field is `loss`
+            raise AnitaError(f"{source}: {str(e).removeprefix('dpo_loss: ').replace('loss_type', 'loss')}") from None
+        if "discopop_tau" in given and self.loss != "discopop":  # even at its default value
+            raise AnitaError(f"{source}: discopop_tau is only used by loss 'discopop', not {self.loss!r}")
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise AnitaError(f"{source}: 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
         if self.reference == "adapters-off" and self.adapter:

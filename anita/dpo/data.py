@@ -237,10 +237,10 @@ class PreferenceBatches(EpochBatches):
         self.pairs, self.batch_size, self.pad_id, self.ref_logps = data.pairs, batch_size, pad_id, ref_logps
         super().__init__(len(self.pairs), seed, shuffle)
 
-    def group(self, order: list[int]) -> list[list[int]]:
+    def split_epoch(self, order: list[int]) -> list[list[int]]:
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def make_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = collate_pairs([self.pairs[j] for j in indices], self.pad_id, indices)
         if self.ref_logps is not None:
             batch["ref_chosen_logps"] = self.ref_logps[0][indices]  # [B]

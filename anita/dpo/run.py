@@ -86,7 +86,7 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
         if info.is_main:
             print("\n".join(d.summary() for d in datasets), flush=True)
         out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after the data proved readable
-        model, report = load_trainable_model(cfg, info, adapter=cfg.adapter)
+        model, report = load_trainable_model(cfg, info)
         if info.is_main:
             print(report, flush=True)
         batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0)

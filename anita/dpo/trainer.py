@@ -48,7 +48,10 @@ class DPOSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per chunk of the output head
 
     def __post_init__(self):
-        check_loss_args(self.loss_type, self.beta, self.label_smoothing, self.discopop_tau)
+        try:
+            check_loss_args(self.loss_type, self.beta, self.label_smoothing, self.discopop_tau)
+        except AnitaError as e:
+            raise AnitaError(f"DPOSettings: {str(e).removeprefix('dpo_loss: ')}") from None
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise AnitaError(f"DPO: rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:

@@ -23,6 +23,10 @@ def check_positive(name: str, value: int | None, minimum: int = 1) -> None:
         raise AnitaError(f"{name} must be at least {minimum}, got {value}")
 
 
+# Flags of --task with their defaults; None on the command line means "not given".
+TASK_DEFAULTS = {"num_fewshot": 0, "batch_size": 8, "seed": 1234}
+
+
 def run_mc(args, model, tokenizer, questions, pool) -> dict:
     return evaluate_mc(model, tokenizer, questions, num_fewshot=args.num_fewshot, fewshot_pool=pool,
                        seed=args.seed, limit=args.limit, batch_size=args.batch_size,
@@ -30,21 +34,27 @@ def run_mc(args, model, tokenizer, questions, pool) -> dict:
 
 
 def check_flags(args) -> None:
-    """Refuse a flag that the chosen kind of evaluation would ignore, and out-of-range numbers."""
+    """Refuse a flag that the chosen kind of evaluation would ignore, and out-of-range numbers; then
+    fill in the defaults of the flags not given."""
     check_positive("--batch-size", args.batch_size)
     check_positive("--limit", args.limit)
     check_positive("--num-fewshot", args.num_fewshot, minimum=0)
     if args.perplexity:
-        unused = [f for f, v in [("--fewshot-file", args.fewshot_file), ("--num-fewshot", args.num_fewshot),
-                                 ("--limit", args.limit), ("--add-bos", args.add_bos)] if v]
+        unused = [f"--{n.replace('_', '-')}" for n in ("fewshot_file", "num_fewshot", "batch_size", "limit", "seed")
+                  if getattr(args, n) is not None] + (["--add-bos"] if args.add_bos else [])
         if unused:
             raise AnitaError(f"{', '.join(unused)}: only for --task; --perplexity scores every token of every "
-                             "document, each started with BOS")
+                             "document, each started with BOS, one window at a time")
     else:
         unused = [f for f, v in [("--window", args.window), ("--stride", args.stride)] if v is not None]
         if unused:
             raise AnitaError(f"{', '.join(unused)}: only for --perplexity; --task scores each choice after its "
                              "whole context")
+        if args.fewshot_file and not args.num_fewshot:
+            raise AnitaError("--fewshot-file: examples are drawn from it only with --num-fewshot K > 0")
+    for name, default in TASK_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def run_eval(args) -> int:
@@ -72,10 +82,10 @@ def register(sub) -> None:
     what.add_argument("--perplexity", metavar="FILE", help='a text file, or JSONL with one {"text"} per line')
     p.add_argument("--fewshot-file", metavar="FILE", help="few-shot examples (same format as --task); "
                    "default: the task's other questions")
-    p.add_argument("--num-fewshot", type=int, default=0, help="examples before each question (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="choices scored per forward pass (default 8)")
+    p.add_argument("--num-fewshot", type=int, help="examples before each question (default 0)")
+    p.add_argument("--batch-size", type=int, help="choices scored per forward pass (default 8)")
     p.add_argument("--limit", type=int, help="score only the first N questions")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (harness default 1234)")
+    p.add_argument("--seed", type=int, help="few-shot sampling seed (default 1234, the harness's)")
     p.add_argument("--add-bos", action="store_true",
                    help="tokenize with the tokenizer's special tokens (BOS for Llama 3), as lm-eval-harness "
                         "with add_bos_token=True; default off, as the harness up to v0.4.9")

@@ -5,12 +5,16 @@ a (context, continuation) pair by running context + continuation[:-1] through th
 log p(continuation_t | everything before it). All the choices of a multiple-choice question share
 their context, so here the context runs once into a KV cache (gpt-fast style), and its choices then
 run as one batch against copies of the cached keys and values: C choices of T tokens cost one pass
-over the context plus C·T tokens, instead of C·(context + T). The result is the same sum the
-harness computes (up to float rounding), without the padding of a mixed-length batch.
+over the context plus C·T tokens, instead of C·(context + T). For an fp32 model the result is the
+sum the harness computes (up to float rounding), without the padding of a mixed-length batch.
 
 Log-probabilities come from `anita.model.logprobs.token_logps` (the one log-prob module, shared with
-SFT and DPO): a log-softmax in fp32, taken a chunk of positions at a time, so the fp32 logits of a
-long continuation or window ([N, V]) never exist at once.
+SFT and DPO): the output head and the log-softmax in fp32 (STYLE rule 3), a chunk of positions at a
+time, so the fp32 logits of a long continuation or window ([N, V]) never exist at once. For a bf16
+or fp16 model this differs from the harness, whose logits and log-softmax stay in the model's
+dtype: only the head is more exact here, the hidden states carry the model's own rounding either
+way (the tests bound the bf16 scores against the fp32 model's). A LoRA adapter on `lm_head` is
+scored through its merged weight W + scale·B·A (scoring needs no gradient).
 
 Shapes: C continuations (rows of a batch), T continuation length, S cache length, D model dim,
 V vocab, N scored tokens, n tokens in one chunk.
@@ -22,15 +26,19 @@ from itertools import groupby
 
 import torch
 
+from anita.lora import LoraLinear
 from anita.model.llama import KVCache
 from anita.model.logprobs import IGNORE_INDEX, output_head_weight, token_logps
 from anita.runtime import eval_mode
 
 
+@torch.no_grad()
 def continuation_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets[b, t] | hidden[b, t]): hidden (B, T, D), targets (B, T) with IGNORE_INDEX where
     not scored -> (B, T) fp32, 0 at ignored positions."""
-    return token_logps(hidden, output_head_weight(model), targets)
+    head = model.lm_head
+    weight = head.merged_weight() if isinstance(head, LoraLinear) else output_head_weight(model)
+    return token_logps(hidden, weight, targets)
 
 
 def expand_cache(model, cache: KVCache, rows: int, extra: int) -> KVCache:

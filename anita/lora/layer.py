@@ -113,7 +113,7 @@ class LoraLinear(nn.Module):
         self.reset_lora_parameters()
         if config.use_dora:
             # m starts at the row norms of the adapted weight, so the layer starts equal to the base.
-            self.lora_magnitude_vector = nn.Parameter(self.dora_norm(dense_weight(base)).to(config.dtype))
+            self.lora_magnitude_vector = nn.Parameter(self.dora_norm(self.adapted_weight()).to(config.dtype))
         self.train(base.training)  # a new module starts in training mode; follow the model's mode
 
     @torch.no_grad()
@@ -135,19 +135,24 @@ class LoraLinear(nn.Module):
         return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (O, R) @ (R, I)
 
     @torch.no_grad()
-    def dora_norm(self, w: torch.Tensor) -> torch.Tensor:
-        """DoRA's ||W + scale·B·A||_row (O,) for the dense fp32 base weight w (O, I); a constant for
+    def adapted_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """W + scale·B·A in fp32 (O, I), no gradient; `w` is the dense base weight if the caller has it."""
+        return (dense_weight(self.base_layer) if w is None else w) + self.delta_weight()
+
+    @staticmethod
+    @torch.no_grad()
+    def dora_norm(adapted: torch.Tensor) -> torch.Tensor:
+        """DoRA's per-row norm ||W + scale·B·A||_row (O,) of the adapted weight (O, I); a constant for
         backward (DoRA §4.3)."""
-        return (w + self.delta_weight()).norm(dim=1)
+        return adapted.norm(dim=1)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The single fp32 matrix (O, I) this layer computes: W + scale·B·A, times m/||·||_row with DoRA."""
-        w = dense_weight(self.base_layer)
-        adapted = w + self.delta_weight()
+        adapted = self.adapted_weight()
         if self.lora_magnitude_vector is None:
             return adapted
-        return (self.lora_magnitude_vector.float() / self.dora_norm(w))[:, None] * adapted
+        return (self.lora_magnitude_vector.float() / self.dora_norm(adapted))[:, None] * adapted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (B, T, O)
@@ -166,7 +171,7 @@ class LoraLinear(nn.Module):
         correction uses the dropped-out input, as PEFT's `DoraLinearLayer.forward` does.
         """
         w = dense_weight(self.base_layer)
-        factor = self.lora_magnitude_vector / self.dora_norm(w)  # (O,)
+        factor = self.lora_magnitude_vector / self.dora_norm(self.adapted_weight(w))  # (O,)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             base = F.linear(xa, w.to(xa.dtype))  # (B, T, O), W applied to the dropped-out input
         else:

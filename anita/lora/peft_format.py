@@ -33,6 +33,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+# PEFT init_lora_weights values that only initialise A and B (base weights untouched).
+INIT_ONLY = (True, False, "gaussian", "eva", "orthogonal")
 # PEFT options that change what a layer computes and that anita does not implement.
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "fan_in_fan_out",
                "layer_replication", "trainable_token_indices", "target_parameters", "use_bdlora",
@@ -125,12 +127,11 @@ def read_adapter_config(path: Path, dtype, targets: list[str]) -> LoraConfig:
         if raw.get(field):
             raise AnitaError(f"{path}: {field}={raw[field]!r} is not supported by anita's LoRA")
     init = raw.get("init_lora_weights", True)
-    if init is not True and init is not False and init != "gaussian":
-        raise AnitaError(f"{path}: init_lora_weights={raw['init_lora_weights']!r} is not supported: anita "
-                         "initialises LoRA as PEFT's true (Kaiming-uniform A) or 'gaussian'; other schemes "
-                         "(pissa, olora, loftq, eva, corda, ...) also change the base weights")
-    # false (A and B both random, PEFT's test setting) only changes where a new adapter starts; the
-    # loaded weights replace that start, so it reads as the default.
+    if init not in INIT_ONLY:
+        raise AnitaError(f"{path}: init_lora_weights={init!r} is not supported: that scheme also changes the base "
+                         "weights (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA, ...), so the adapter does not compute base + "
+                         f"B·A over the checkpoint's weights; anita loads {', '.join(map(repr, INIT_ONLY))}")
+    # These only choose where a new adapter starts; the loaded weights replace that start.
     init = "gaussian" if init == "gaussian" else "kaiming"
     try:
         return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,

@@ -143,8 +143,10 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
 def save_pretrained(model: Llama, out_dir, max_shard_size: int = 5 * 2**30, dtype=None) -> None:
     """Write `config.json` and safetensors (sharded with an index above `max_shard_size` bytes).
 
-    The files are written to a temporary directory beside `out_dir` and moved in at the end,
-    so a failure never leaves a half-written checkpoint behind.
+    The files are written to a temporary directory beside `out_dir` and moved in at the end, one
+    rename each, so a failure while writing (disk full, a bad tensor) never leaves a half-written
+    file and leaves `out_dir` as it was. Other files in `out_dir` (a tokenizer) are kept; weight
+    files of an earlier save are removed just before the new ones move in.
     """
     if any(isinstance(m, Linear4bit) for m in model.modules()):
         raise AnitaError("save_pretrained: the model holds quantized linears; merge adapters into a "

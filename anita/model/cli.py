@@ -12,6 +12,10 @@ from anita.model.gguf import convert_gguf
 def run_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise AnitaError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    unused = [f for f, v in [("--top-k", args.top_k), ("--top-p", args.top_p)] if v is not None]
+    if unused and args.temperature <= 0:
+        raise AnitaError(f"{', '.join(unused)}: only when sampling; --temperature {args.temperature} is greedy "
+                         "(ANITA's examples sample with --temperature 0.6 --top-p 0.9)")
     model, tok = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.quantize)
     if args.chat or args.system:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

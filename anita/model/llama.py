@@ -29,6 +29,7 @@ from anita.model.config import LlamaConfig
 # The seven projections of a block, by their HF names (shared/RECIPE.md: "q, k, v, o, gate, up, down").
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+
 class RMSNorm(nn.Module):
     """x / rms(x) · weight, computed in fp32 and cast back (as Meta and HF do)."""
 

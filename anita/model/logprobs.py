@@ -41,11 +41,18 @@ _VOCAB_SLICE = 16384  # rows of W cast to the compute dtype at once when W is st
 def plain_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log_softmax(hidden · Wᵀ)[labels], the definition. hidden [B, T, D], weight [V, D], labels [B, T]
     (IGNORE_INDEX where not scored) -> [B, T] in the compute dtype, 0 where not scored."""
-    dtype = math_dtype(hidden, weight, what="token_logps")
+    dtype = _math_dtype(hidden, weight)
     logits = hidden.to(dtype) @ weight.to(dtype).T  # [B, T, V], all of it at once
     scored = labels != IGNORE_INDEX
     logps = logits.log_softmax(dim=-1).gather(-1, labels.masked_fill(~scored, 0)[..., None]).squeeze(-1)
     return logps.masked_fill(~scored, 0.0)  # [B, T]
+
+
+def _math_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """fp32 (fp64 if either is fp64); an unsupported dtype is an error naming the tensor."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        math_dtype(t, what=f"token_logps: `{name}`")
+    return math_dtype(hidden, weight)
 
 
 def output_head_weight(model) -> torch.Tensor:
@@ -91,7 +98,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):
         # hidden [N, D], weight [V, D], labels [N] (IGNORE_INDEX where not scored)
-        dtype = math_dtype(hidden, weight, what="token_logps")
+        dtype = _math_dtype(hidden, weight)
         scored = labels != IGNORE_INDEX
         targets = labels.masked_fill(~scored, 0)  # [N] a valid index everywhere, masked out below
         logps = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)  # [N]

@@ -50,8 +50,10 @@ class TrainConfig:
     data: str | None = flag(None, "training JSONL: messages, prompt/completion or text rows (required)")
     output: str | None = flag(None, "run directory: adapter/, checkpoints/, metrics.jsonl, plot (required)")
     eval_data: str | None = flag(None, "held-out JSONL, same formats; its loss is logged every --eval-steps")
-    adapter: str | None = flag(None, "PEFT adapter to keep training (e.g. stage 3 continues the DPO adapter), "
-                                   "with its own r, alpha, dropout and targets; default: a fresh LoRA")
+    adapter: str | None = flag(None, "PEFT adapter to keep training (as the demo's Italian stage continues the DPO "
+                                     "adapter), with its own r, alpha, dropout and targets, so --lora-r, "
+                                     "--lora-alpha, --lora-dropout, --rslora and --targets are refused with it; "
+                                     "default: a fresh LoRA")
     # ------------------------------------------------------------------ base model and LoRA
     qlora: bool = flag(True, "load the base linears in 4-bit NF4 (double quantization), i.e. QLoRA, as the recipe "
                      "does; --no-qlora trains LoRA over the full-precision base")
@@ -204,16 +206,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
     parser.add_argument("--config", help="TOML or YAML file with the same keys as the flags")
     for f in dataclasses.fields(cls):
         kind, _ = _field_type(cls, f.name)
-        flag = "--" + f.name.replace("_", "-")
+        option = "--" + f.name.replace("_", "-")
         default = field_default(cls, f.name)
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, type=str, metavar="A,B,...", **kw)
+            parser.add_argument(option, type=str, metavar="A,B,...", **kw)
         else:
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kw)
+            parser.add_argument(option, type=kind, choices=f.metadata.get("choices"), **kw)
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):

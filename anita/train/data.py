@@ -235,36 +235,36 @@ class EpochBatches:
 
     `self[i]` is micro-batch i - e·per_epoch of epoch e; epoch e orders the items with
     `torch.randperm` seeded with seed + e (or keeps file order), and a subclass groups that order
-    into micro-batches (`group`) and turns a group into tensors (`collate`). So "data position" is
+    into micro-batches (`split_epoch`) and turns one into tensors (`make_batch`). So "data position" is
     one integer, and a resumed or data-parallel run can find any micro-batch without reading the
     ones before it. Iterating gives epoch 0 (what evaluation reads).
     """
 
     def __init__(self, num_items: int, seed: int, shuffle: bool):
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
-        self._epoch, self._groups = -1, []
-        self.per_epoch = len(self.groups(0))  # micro-batches per epoch
+        self._epoch, self._batches = -1, []
+        self.per_epoch = len(self.epoch_batches(0))  # micro-batches per epoch
 
-    def group(self, order: list[int]) -> list:
-        """One epoch's item indices, in order -> its micro-batches (one entry each)."""
+    def split_epoch(self, order: list[int]) -> list:
+        """One epoch's item indices, in order -> its micro-batches (what `make_batch` takes, one each)."""
         raise NotImplementedError
 
-    def collate(self, group) -> dict[str, torch.Tensor]:
-        """One entry of `group` -> the micro-batch's tensors."""
+    def make_batch(self, batch) -> dict[str, torch.Tensor]:
+        """One micro-batch of `split_epoch` -> its tensors."""
         raise NotImplementedError
 
-    def groups(self, epoch: int) -> list:
-        """The micro-batches of `epoch`, as `group` made them (the last epoch asked is cached)."""
+    def epoch_batches(self, epoch: int) -> list:
+        """The micro-batches of `epoch`, as `split_epoch` made them (the last epoch asked is cached)."""
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_items, generator=generator).tolist() if self.shuffle \
                 else list(range(self.num_items))
-            self._epoch, self._groups = epoch, self.group(order)
-        return self._groups
+            self._epoch, self._batches = epoch, self.split_epoch(order)
+        return self._batches
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(index, self.per_epoch)
-        return self.collate(self.groups(epoch)[i])
+        return self.make_batch(self.epoch_batches(epoch)[i])
 
     def __len__(self) -> int:
         return self.per_epoch  # one epoch; indexing past it continues into the next epochs
@@ -275,7 +275,7 @@ class EpochBatches:
 
 class MicroBatches(EpochBatches):
     """SFT's micro-batches: each epoch's examples grouped into rows (`pack_rows`), the rows into
-    micro-batches of `batch_size` rows, collated by `collate`."""
+    micro-batches of `batch_size` rows, each made into tensors by `collate`."""
 
     def __init__(self, examples: list[Example], batch_size: int, max_length: int, packing: bool,
                  pad_id: int, seed: int = 0, shuffle: bool = True):
@@ -284,9 +284,9 @@ class MicroBatches(EpochBatches):
         self._lengths = [len(e.input_ids) for e in examples]
         super().__init__(len(examples), seed, shuffle)
 
-    def group(self, order: list[int]) -> list[list[list[int]]]:
+    def split_epoch(self, order: list[int]) -> list[list[list[int]]]:
         rows = pack_rows(self._lengths, order, self.max_length, self.packing)
         return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
-    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    def make_batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         return collate([[self.examples[j] for j in row] for row in rows], self.pad_id)

@@ -22,17 +22,17 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
                       use_rslora=cfg.rslora)
 
 
-def load_trainable_model(cfg: TrainConfig, info: DistInfo, adapter: str | None = None):
+def load_trainable_model(cfg: TrainConfig, info: DistInfo):
     """(model, LoraReport): the base loaded on this process's device, LoRA applied, the rest frozen.
 
     The LoRA init is seeded with --seed, so every process starts from the same adapter.
-    With `adapter` (a PEFT adapter directory) that adapter is loaded and trained further instead of
-    a fresh one.
+    With `cfg.adapter` (a PEFT adapter directory) that adapter is loaded and trained further instead
+    of a fresh one.
     """
     dtype = PRECISIONS[cfg.precision]
     quant = {"quantize": "nf4", "quantize_kwargs": {"compute_dtype": dtype}} if cfg.qlora else {}
     model = from_pretrained(cfg.model, dtype=dtype, device=info.device, **quant)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     torch.manual_seed(cfg.seed)
-    report = load_adapter(model, adapter) if adapter else apply_lora(model, lora_config(cfg))
+    report = load_adapter(model, cfg.adapter) if cfg.adapter else apply_lora(model, lora_config(cfg))
     return model, report

@@ -34,7 +34,7 @@ def run_sft(cfg: TrainConfig) -> list[dict]:
         train_data = load_data(cfg.data, tokenizer, cfg, info, shuffle=True)
         eval_data = load_data(cfg.eval_data, tokenizer, cfg, info, shuffle=False) if cfg.eval_data else None
         out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after the data proved readable
-        model, report = load_trainable_model(cfg, info, adapter=cfg.adapter)
+        model, report = load_trainable_model(cfg, info)
         if info.is_main:
             print(report, flush=True)
         loss_fn = partial(sft_loss, chunk_size=cfg.chunk_size)

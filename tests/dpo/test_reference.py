@@ -13,7 +13,8 @@ import torch
 from anita.dpo.data import PreferenceBatches, read_preferences
 from anita.dpo.reference import (AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree, cache_key, cached_reference,
                                  model_fingerprint, precompute_reference, read_cache)
-from anita.dpo.trainer import DPOSettings, concatenated_logps, dpo_step
+from anita.dpo.logps import concatenated_logps
+from anita.dpo.trainer import DPOSettings, dpo_step
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, lora_parameters
 from anita.model import Llama, from_pretrained

@@ -19,7 +19,8 @@ from anita.dpo import DPOConfig, dpo_loss
 from anita.dpo.data import PreferenceBatches, read_preferences
 from anita.dpo.reference import AdaptersOff, ReferenceFree
 from anita.dpo.run import dpo_settings
-from anita.dpo.trainer import METRICS, DPOSettings, concatenated_logps, dpo_step
+from anita.dpo.logps import concatenated_logps
+from anita.dpo.trainer import METRICS, DPOSettings, dpo_step
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, disable_lora, lora_parameters, merge_lora, save_adapter
 from anita.model import Llama, from_pretrained, save_pretrained
@@ -115,7 +116,7 @@ def test_reference_free_rewards_are_the_policy_logps(tiny_run_model, batch):
 
 
 def test_settings_are_checked_up_front():
-    with pytest.raises(AnitaError, match="unknown loss_type 'dpo'"):
+    with pytest.raises(AnitaError, match="DPOSettings: unknown loss_type 'dpo'"):
         DPOSettings(loss_type="dpo")
     with pytest.raises(AnitaError, match="beta must be > 0"):
         DPOSettings(beta=0.0)
@@ -143,8 +144,10 @@ def test_discopop_tau_reaches_the_loss(tiny_run_model, batch):
         default = dpo_loss(out.chosen, out.rejected, ref_c, ref_r, beta=0.1, loss_type="discopop")[0]
     assert math.isclose(loss_sum.item(), want.sum().item(), rel_tol=1e-6)
     assert not math.isclose(want.sum().item(), default.sum().item(), rel_tol=1e-6)
-    with pytest.raises(AnitaError, match="command line: discopop_tau is only used by loss_type 'discopop'"):
+    with pytest.raises(AnitaError, match="command line: discopop_tau is only used by loss 'discopop'"):
         DPOConfig(model="m", data="d", output="o", discopop_tau=0.5).validate("command line")
+    with pytest.raises(AnitaError, match="c.toml: discopop_tau is only used by loss 'discopop', not 'sigmoid'"):
+        DPOConfig(model="m", data="d", output="o").validate("c.toml", given={"discopop_tau"})
 
 
 @pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", None), ("ipo", None), ("sigmoid", 0.7)])

@@ -64,6 +64,8 @@ def test_bad_flags(tiny_dir, capsys, argv, message):
     ("--task", ["--window", "8", "--stride", "4"], "--window, --stride: only for --perplexity"),
     ("--perplexity", ["--add-bos"], "--add-bos: only for --task"),
     ("--perplexity", ["--num-fewshot", "1", "--limit", "2"], "--num-fewshot, --limit: only for --task"),
+    ("--perplexity", ["--batch-size", "8", "--seed", "1234"], "--batch-size, --seed: only for --task"),
+    ("--task", ["--fewshot-file", str(SAMPLE)], "--fewshot-file: examples are drawn from it only with --num-fewshot"),
 ])
 def test_flags_the_evaluation_would_ignore_are_refused(tiny_dir, capsys, tmp_path, kind, argv, message):
     """A flag that the chosen evaluation would not read is an error naming it, before any loading."""

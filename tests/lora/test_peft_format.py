@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
-from anita.model import from_pretrained, save_pretrained
+from anita.model import from_pretrained
 from tests.conftest import tiny_model
 from tests.lora.test_model import X, _randomize_adapters
 
@@ -253,12 +253,13 @@ def test_loading_into_a_model_with_lora_and_saving_without_are_refused(tmp_path)
         save_adapter(tiny_model("llama3"), tmp_path / "empty")
 
 
-@pytest.mark.parametrize("init, accepted", [(True, True), (False, True), ("gaussian", True), ("pissa", False),
-                                            ("olora", False), ("loftq", False), ("eva", False)])
+@pytest.mark.parametrize("init, accepted", [(True, True), (False, True), ("gaussian", True), ("eva", True),
+                                            ("orthogonal", True), ("pissa", False), ("pissa_niter_16", False),
+                                            ("olora", False), ("loftq", False), ("corda", False)])
 def test_init_lora_weights_anita_cannot_reproduce_is_refused(init, accepted, tmp_path):
-    """PEFT's true / false / "gaussian" only choose a new adapter's start, which the loaded weights
-    replace; PiSSA, OLoRA, LoftQ, EVA and the like also rewrite the base weights, so such an adapter
-    does not compute base + BA over anita's base and is refused by name."""
+    """PEFT's true / false / "gaussian" / "eva" / "orthogonal" only choose a new adapter's start,
+    which the loaded weights replace; PiSSA, OLoRA, LoftQ, CorDA also rewrite the base weights, so
+    such an adapter does not compute base + BA over anita's base and is refused by name."""
     adapter = _saved(tmp_path)
     _edit_config(adapter, init_lora_weights=init)
     model = tiny_model("llama3")

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from anita.cli import main
 from anita.model import generate, sample_next, stream_generate
 from tests.conftest import tiny_model
 
@@ -75,3 +76,14 @@ def test_cli_generate_streams_a_chat_answer(smollm2_dir):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0.9"], "--top-p: only when sampling; --temperature 0.0 is greedy"),
+    (["--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p: only when sampling"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+])
+def test_cli_refuses_flags_greedy_decoding_would_ignore(flags, message, capsys):
+    """Refused before any model is loaded (the model path does not even exist)."""
+    assert main(["generate", "--model", "/nonexistent", "--prompt", "Ciao", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -49,16 +49,17 @@ def test_bf16_autocast_loss_is_fp32_and_close_to_fp32(tiny_run_model):
 
 
 def test_training_can_continue_a_saved_adapter(tiny_run_model, tmp_path):
-    """--adapter (stage 3 continuing an earlier stage): the adapter's weights and settings come
-    back, trainable, instead of a fresh LoRA from the --lora-* flags."""
+    """--adapter (the demo's stage 3 continuing the DPO adapter): the adapter's weights and settings
+    (r=2, not the default 16) come back, trainable, instead of a fresh LoRA."""
     from anita.lora import lora_state_dict, save_adapter
 
     first, _ = load_trainable_model(_cfg(tiny_run_model), DistInfo())
     for p in lora_parameters(first):
         p.data.normal_(0, 0.1)
     save_adapter(first, tmp_path / "adapter")
-    again, report = load_trainable_model(_cfg(tiny_run_model, lora_r=8), DistInfo(), adapter=tmp_path / "adapter")
-    assert report.trainable == sum(p.numel() for p in lora_parameters(first))  # r=2 from the file, not 8
+    cfg = TrainConfig(model=str(tiny_run_model), data="d", output="o", adapter=str(tmp_path / "adapter")).validate()
+    again, report = load_trainable_model(cfg, DistInfo())
+    assert report.trainable == sum(p.numel() for p in lora_parameters(first))  # r=2 from the file, not 16
     want, got = lora_state_dict(first), lora_state_dict(again)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert all(p.requires_grad for p in lora_parameters(again))
