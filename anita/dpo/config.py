@@ -1,7 +1,9 @@
-"""`DPOConfig`: the training loop's `TrainConfig` plus the DPO knobs, with the recipe's DPO defaults.
+"""`DPOConfig`: the training loop's `TrainConfig` plus the DPO knobs.
 
-Every field is a flag of `anita dpo` and a key of its `--config` file (TOML or YAML); the defaults
-of the shared fields are the DPO column of shared/RECIPE.md (the authors' TRL DPOTrainer script).
+Every field is a flag of `anita dpo` and a key of its `--config` file (TOML or YAML). The defaults
+are a bare TRL DPOTrainer's (beta 0.1, sigmoid loss, max_length 1024, no prompt limit, no
+accumulation or warm-up) with a LoRA learning rate; the authors' DPO values are the recipe
+anita/recipes/anita_2_dpo.toml (docs/recipe.md).
 """
 
 from __future__ import annotations
@@ -17,20 +19,12 @@ REFERENCES = ("auto", "adapters-off", "adapter", "precomputed", "none")
 
 @dataclass
 class DPOConfig(TrainConfig):
-    # ---------------------------------------------- the loop's fields, with the recipe's DPO defaults
+    # ------------------------------------------------------------ the loop's fields, for DPO
     data: str | None = flag(None, "preference JSONL: {'prompt', 'chosen', 'rejected'}, strings or message lists "
-                                "(required)")
+                                  "(required)")
     eval_data: str | None = flag(None, "held-out preference JSONL; its loss and reward accuracy/margins are logged")
-    lora_r: int = flag(64, "LoRA rank r of a fresh adapter (with --adapter, the adapter's own is used)")
-    lora_alpha: float = flag(16.0, "LoRA alpha of a fresh adapter (scale alpha/sqrt(r) with --rslora)")
-    rslora: bool = flag(True, "rank-stabilised LoRA scale alpha/sqrt(r) for a fresh adapter")
-    optimizer: str = flag("adamw_8bit", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)",
-                        choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
-    lr: float = flag(5e-5, "peak learning rate")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    warmup_ratio: float | None = flag(0.1, "warm-up as a fraction of all steps (rounded up), as in HF")
+    lr: float = flag(5e-5, "peak learning rate (a LoRA rate; TRL's 1e-6 default is for full fine-tuning)")
     batch_size: int = flag(8, "preference pairs per micro-batch (per process)")
-    grad_accum: int = flag(12, "micro-batches accumulated per optimizer step (per process)")
     max_length: int = flag(1024, "longest prompt + answer in tokens (TRL's max_length)")
     # ---------------------------------------------------------------------------- DPO's own
     adapter: str | None = flag(None, "SFT adapter (PEFT format) to continue from; then it is also the reference")
@@ -44,7 +38,9 @@ class DPOConfig(TrainConfig):
     reference_cache: str | None = flag(None, "directory of precomputed reference log-probs "
                                            "(default: $ANITA_CACHE/dpo-reference)")
     rpo_alpha: float | None = flag(None, "weight of the chosen answers' NLL added to the loss (RPO); none by default")
-    max_prompt_length: int | None = flag(512, "prompt tokens kept (from its start) when prompt + answer is too long")
+    max_prompt_length: int | None = flag(None, "prompt tokens kept (from its start) when prompt + answer is too long; "
+                                               "default none, as TRL 1.16: the prompt is kept whole and the "
+                                               "answers cut to fit max_length")
 
     def validate(self, source: str = "config", given: set[str] = frozenset()) -> "DPOConfig":
         super().validate(source, given)

@@ -1,7 +1,8 @@
-"""`run_dpo`: preference optimization (RECIPE.md stage 2) of a LoRA adapter on the shared loop,
-from a `DPOConfig`: read the preference data, load the base (+NF4) with a fresh or the SFT adapter,
-build the reference, and run `anita.train.loop.train` with the DPO objective. Under torchrun
-each process runs this same function.
+"""`run_dpo`: preference optimization (docs/recipe.md, stage 2) of a LoRA adapter on the shared
+loop, from a `DPOConfig`: read the preference data and check the step arithmetic (before any model
+loads), print what the run will do, load the base (+NF4) with a fresh or the SFT adapter, build the
+reference, and run `anita.train.loop.train` with the DPO objective. Under torchrun each process
+runs this same function.
 
 The output directory is the loop's (adapter/, checkpoints/, metrics.jsonl, training_curves.png)
 plus dpo_curves.png.
@@ -30,7 +31,7 @@ from anita.dpo.trainer import DPOObjective, DPOSettings, plot_preference_metrics
 from anita.model import Tokenizer
 from anita.train.checkpoint import prepare_run_dir
 from anita.train.distributed import init_distributed, shutdown
-from anita.train.loop import autocast, train
+from anita.train.loop import autocast, describe, plan_run, train
 from anita.train.model import load_trainable_model
 
 DPO_PLOT_FILE = "dpo_curves.png"
@@ -83,14 +84,18 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
         read = lambda path: read_preferences(path, tokenizer, max_length=cfg.max_length,  # noqa: E731
                                              max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
         datasets = [read(cfg.data)] + ([read(cfg.eval_data)] if cfg.eval_data else [])
+        batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0)
+                   for i, d in enumerate(datasets)]
+        plan = plan_run(cfg, batches[0].per_epoch, info)  # too little data for a step fails here
         if info.is_main:
-            print("\n".join(d.summary() for d in datasets), flush=True)
-        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after the data proved readable
+            print(f"anita dpo: {describe(plan, cfg, info, 'pairs')}; {cfg.loss} loss, beta {cfg.beta:g}, "
+                  f"reference {cfg.reference_kind()}", flush=True)
+            for label, data in zip(("training data", "held-out data"), datasets):
+                print(f"{label}: {data.summary()}", flush=True)
+        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after everything checkable is checked
         model, report = load_trainable_model(cfg, info)
         if info.is_main:
             print(report, flush=True)
-        batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0)
-                   for i, d in enumerate(datasets)]
         if cfg.reference_kind() == "precomputed":
             tables = precomputed_tables(model, cfg, list(zip(datasets, batches)), info)
             batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0,

@@ -32,6 +32,9 @@ from anita.train.distributed import DistInfo, barrier
 
 RUN_FILE = "run.json"
 STEP_DIR = re.compile(r"step-(\d+)")
+# What a run writes before its first checkpoint: a directory holding only these and no checkpoint
+# is not a run yet (it stopped before step 1), and a new run may clear it.
+EARLY_RUN_FILES = {RUN_FILE, "checkpoints", "metrics.jsonl", "training_curves.png", "dpo_curves.png", ".tmp-adapter"}
 
 
 # ------------------------------------------------------------------------ run directory
@@ -40,12 +43,24 @@ def prepare_run_dir(config: dict, output, resume: bool, info: DistInfo) -> Path:
 
     Without `resume` an OUTPUT with anything in it is refused (it would be clobbered); with it,
     OUTPUT must be empty or hold a run with the same settings (see `config.RESUMABLE_CHANGES`).
+    An OUTPUT with no checkpoint that holds only what a run writes before its first one (a run that
+    stopped before step 1) is not a run: it is cleared and used afresh.
     """
     out = Path(output)
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise AnitaError(f"--output {out}: exists and is not a directory")
     occupied = out.is_dir() and any(out.iterdir())
+    if occupied and not checkpoint_dirs(out) and {p.name for p in out.iterdir()} <= EARLY_RUN_FILES:
+        barrier(info)  # every rank has looked before rank 0 clears
+        if info.is_main:
+            print(f"{out}: holds no checkpoint (an earlier run stopped before step 1); starting afresh", flush=True)
+            for p in out.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        occupied = False
     if occupied and not resume:
         raise AnitaError(f"--output {out}: already holds files (a previous run?); pass --resume to continue "
                          "that run, or choose another --output")

@@ -2,8 +2,10 @@
 
 The same names work everywhere: the field `lora_r` is the flag `--lora-r` and the key `lora_r`
 (or `lora-r`) in a TOML or YAML file given with `--config`. Flags given on the command line win
-over the file, which wins over the defaults. The defaults are the SFT column of shared/RECIPE.md
-(the authors' QLoRA SFT script); fields marked "not in the recipe" are anita's own choices.
+over the file, which wins over the defaults. The defaults are what a TRL user expects of a bare
+command (micro-batch 8, no accumulation, no warm-up, torch AdamW, no weight decay, max_length
+1024), with QLoRA on; the paper's values are in anita/recipes/ (docs/recipe.md). Whatever a run
+will do is printed on its first line (`anita.train.loop.describe`).
 
 DPO's config (`anita.dpo.config.DPOConfig`) subclasses `TrainConfig`, so it reuses the loop's fields.
 """
@@ -67,20 +69,21 @@ class TrainConfig:
     gradient_checkpointing: bool = flag(True, "recompute each block's activations in the backward pass")
     device: str = flag("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
     # ------------------------------------------------------------------------------- data
-    max_length: int = flag(8192, "longest sequence in tokens; longer rows are cut at the end")
+    max_length: int = flag(1024, "longest sequence in tokens; longer rows are cut at the end (TRL's default)")
     packing: bool = flag(False, "pack several examples into each row (attention never crosses them)")
     skip_bad_rows: bool = flag(False, "skip and count malformed rows instead of stopping at the first one")
     # ----------------------------------------------------------------------- optimisation
-    optimizer: str = flag("paged_adamw_8bit", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)",
+    optimizer: str = flag("adamw", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes; paged only on CUDA, "
+                                   "plain 8-bit on CPU)",
                         choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
-    lr: float = flag(2e-4, "peak learning rate")
-    weight_decay: float = flag(0.01, "AdamW weight decay")
+    lr: float = flag(2e-4, "peak learning rate (a LoRA rate: 10x TRL's full fine-tuning default)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
     scheduler: str = flag("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
-    warmup_steps: int = flag(100, "linear warm-up steps (ignored when --warmup-ratio is set)")
+    warmup_steps: int = flag(0, "linear warm-up steps (ignored when --warmup-ratio is set)")
     warmup_ratio: float | None = flag(None, "warm-up as a fraction of all steps (rounded up), as in HF")
     max_grad_norm: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping; not in the recipe)")
-    batch_size: int = flag(16, "rows per micro-batch (per process)")
-    grad_accum: int = flag(8, "micro-batches accumulated per optimizer step (per process)")
+    batch_size: int = flag(8, "rows per micro-batch (per process)")
+    grad_accum: int = flag(1, "micro-batches accumulated per optimizer step (per process)")
     epochs: int = flag(1, "passes over the data (ignored when --max-steps is set)")
     max_steps: int | None = flag(None, "optimizer steps to run (overrides --epochs)")
     seed: int = flag(42, "seed of LoRA init, data order and dropout")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,7 +41,7 @@ from anita.train import checkpoint as ckpt
 from anita.train.config import TrainConfig
 from anita.train.distributed import DistInfo, all_reduce_sum, maybe_no_sync, wrap_ddp
 from anita.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory_mb, plot_metrics, progress_bar
-from anita.train.optim import build_optimizer, build_scheduler, warmup_steps_for
+from anita.train.optim import build_optimizer, build_scheduler, optimizer_for, warmup_steps_for
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -66,6 +67,40 @@ def total_steps(cfg: TrainConfig, per_epoch: int, world_size: int) -> int:
         raise AnitaError(f"--data gives {per_epoch} micro-batches per epoch; one optimizer step needs "
                          f"{per_step} (grad_accum {cfg.grad_accum} x {world_size} processes): lower them or add data")
     return steps
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, known before any model loads; `describe` is the run's first line."""
+
+    steps: int  # optimizer steps
+    warmup: int  # of them, warm-up steps
+    optimizer: str  # as built on this device (see optim.optimizer_for)
+    per_epoch: int  # micro-batches per epoch (per all processes)
+
+
+def plan_run(cfg: TrainConfig, per_epoch: int, info: DistInfo) -> RunPlan:
+    """The step arithmetic of a run; too little data for one step is an error here, before loading."""
+    steps = total_steps(cfg, per_epoch, info.world_size)
+    return RunPlan(steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio),
+                   optimizer_for(cfg.optimizer, info.device), per_epoch)
+
+
+def describe(plan: RunPlan, cfg: TrainConfig, info: DistInfo, unit: str) -> str:
+    """One line (plus a warning line when warm-up fills the run): the batch, steps, schedule,
+    optimizer, lengths and model a run will use, so that nothing about it is a surprise."""
+    batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    model = "NF4 base (QLoRA)" if cfg.qlora else "full-precision base"
+    adapter = f"the adapter {cfg.adapter}" if cfg.adapter else f"a fresh LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g}"
+    optimizer = plan.optimizer + (f" ({cfg.optimizer} pages only on CUDA)" if plan.optimizer != cfg.optimizer else "")
+    line = (f"{plan.steps} steps of {batch} {unit} ({cfg.batch_size} per micro-batch x {cfg.grad_accum} accumulated "
+            f"x {info.world_size} process(es); {plan.per_epoch} micro-batches per epoch); warm-up {plan.warmup} "
+            f"steps, then {cfg.scheduler}; {optimizer}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
+            f"max_length {cfg.max_length}; {model} with {adapter}; {cfg.precision}")
+    if plan.warmup and plan.warmup >= plan.steps:
+        line += (f"\nwarning: the warm-up ({plan.warmup} steps) is as long as the run ({plan.steps} steps), so the "
+                 f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps or set --warmup-ratio")
+    return line
 
 
 def step_batches(data, step: int, grad_accum: int, info: DistInfo) -> list[dict]:
@@ -165,12 +200,11 @@ def evaluate(module: LossModule, data, cfg: TrainConfig, info: DistInfo) -> tupl
 
 
 # ------------------------------------------------------------------------------ the run
-def build_training(model, cfg: TrainConfig, steps: int):
+def build_training(model, cfg: TrainConfig, plan: RunPlan):
     """The trainable parameters, optimizer and lr schedule of a run."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
-    warmup = warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio)
-    return params, optimizer, build_scheduler(optimizer, warmup, steps, cfg.scheduler)
+    optimizer = build_optimizer(params, plan.optimizer, cfg.lr, cfg.weight_decay)
+    return params, optimizer, build_scheduler(optimizer, plan.warmup, plan.steps, cfg.scheduler)
 
 
 def resume_point(out, model, optimizer, scheduler, log: MetricsLog, info: DistInfo):
@@ -194,8 +228,9 @@ def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistI
           eval_data=None, base_model: str | None = None) -> list[dict]:
     """Train the model's trainable parameters; resume from OUTPUT's last checkpoint if there is
     one. Returns the metrics records of the whole run (also in OUTPUT/metrics.jsonl)."""
-    steps = total_steps(cfg, data.per_epoch, info.world_size)
-    params, optimizer, scheduler = build_training(model, cfg, steps)
+    plan = plan_run(cfg, data.per_epoch, info)
+    steps = plan.steps
+    params, optimizer, scheduler = build_training(model, cfg, plan)
     log = MetricsLog(out / METRICS_FILE)
     torch.manual_seed(cfg.seed + info.rank)  # dropout; replaced by the checkpoint's RNG on resume
     start, last = resume_point(out, model, optimizer, scheduler, log, info)

@@ -42,6 +42,13 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0,
     raise AnitaError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
+def optimizer_for(name: str, device: torch.device) -> str:
+    """The optimizer a run builds on `device`: bitsandbytes pages optimizer state between GPU and CPU
+    memory only on CUDA (on CPU it warns and runs the plain 8-bit AdamW), so paged_adamw_8bit is
+    adamw_8bit there."""
+    return "adamw_8bit" if name == "paged_adamw_8bit" and device.type != "cuda" else name
+
+
 def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float | None) -> int:
     """Warm-up length: `ceil(ratio · total)` when a ratio is given (as HF), else `warmup_steps`."""
     return math.ceil(warmup_ratio * total_steps) if warmup_ratio is not None else warmup_steps

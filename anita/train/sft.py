@@ -1,6 +1,7 @@
-"""`run_sft`: supervised fine-tuning and continued pre-training (RECIPE.md stages 1 and 3) from a
-`TrainConfig`: read the data, load the base (+NF4) and put LoRA on it, run the shared loop with
-the next-token loss. Under torchrun each process runs this same function.
+"""`run_sft`: supervised fine-tuning and continued pre-training (docs/recipe.md, stages 1 and 3)
+from a `TrainConfig`: read the data and check the step arithmetic (before any model loads, so a bad
+setting fails in seconds), print what the run will do, load the base (+NF4) and put LoRA on it,
+run the shared loop with the next-token loss. Under torchrun each process runs this function.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from anita.model import Tokenizer
 from anita.train.checkpoint import prepare_run_dir
 from anita.train.config import TrainConfig
 from anita.train.data import MicroBatches, load_examples
-from anita.train.distributed import DistInfo, init_distributed, shutdown
-from anita.train.loop import train
+from anita.train.distributed import init_distributed, shutdown
+from anita.train.loop import describe, plan_run, train
 from anita.train.loss import sft_loss
 from anita.train.model import load_trainable_model
 
 
-def load_data(path, tokenizer, cfg: TrainConfig, info: DistInfo, shuffle: bool) -> MicroBatches:
+def load_data(path, tokenizer, cfg: TrainConfig, shuffle: bool) -> tuple[MicroBatches, str]:
+    """The micro-batches of one JSONL file and the line that summarises its rows."""
     examples, report = load_examples(path, tokenizer, cfg.max_length, cfg.skip_bad_rows)
-    if info.is_main:
-        print(report.summary(), flush=True)
-    return MicroBatches(examples, cfg.batch_size, cfg.max_length, cfg.packing, tokenizer.pad_id,
-                        seed=cfg.seed, shuffle=shuffle)
+    batches = MicroBatches(examples, cfg.batch_size, cfg.max_length, cfg.packing, tokenizer.pad_id,
+                           seed=cfg.seed, shuffle=shuffle)
+    return batches, report.summary()
 
 
 def run_sft(cfg: TrainConfig) -> list[dict]:
@@ -31,9 +32,13 @@ def run_sft(cfg: TrainConfig) -> list[dict]:
     info = init_distributed(cfg.device)
     try:
         tokenizer = Tokenizer.from_pretrained(cfg.model)
-        train_data = load_data(cfg.data, tokenizer, cfg, info, shuffle=True)
-        eval_data = load_data(cfg.eval_data, tokenizer, cfg, info, shuffle=False) if cfg.eval_data else None
-        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after the data proved readable
+        train_data, train_summary = load_data(cfg.data, tokenizer, cfg, shuffle=True)
+        eval_data, eval_summary = load_data(cfg.eval_data, tokenizer, cfg, shuffle=False) if cfg.eval_data else (None, "")
+        plan = plan_run(cfg, train_data.per_epoch, info)  # too little data for a step fails here
+        if info.is_main:
+            print(f"anita sft: {describe(plan, cfg, info, 'rows')}", flush=True)
+            print(f"training data: {train_summary}" + (f"\nheld-out data: {eval_summary}" if eval_data else ""), flush=True)
+        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after everything checkable is checked
         model, report = load_trainable_model(cfg, info)
         if info.is_main:
             print(report, flush=True)

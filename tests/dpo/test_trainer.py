@@ -263,7 +263,8 @@ def test_config_file_sets_dpo_keys(tmp_path):
     add_config_arguments(parser, DPOConfig)
     cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.toml"), "--beta", "0.5"]), DPOConfig)
     assert (cfg.beta, cfg.loss, cfg.max_prompt_length, cfg.reference_kind()) == (0.5, "ipo", 100, "precomputed")
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.lr, cfg.max_length) == (64, 16.0, True, 5e-5, 1024)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.rslora, cfg.lr, cfg.max_length) == (16, 8.0, False, 5e-5, 1024)
+    assert (cfg.grad_accum, cfg.warmup_steps, cfg.optimizer) == (1, 0, "adamw")  # TRL's; the recipe's in its TOML
 
 
 def test_resume_keeps_the_sft_adapter_as_reference(tmp_path, tiny_run_model):
@@ -283,3 +284,13 @@ def test_resume_keeps_the_sft_adapter_as_reference(tmp_path, tiny_run_model):
     whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     resumed = load_file(cut / "adapter" / "adapter_model.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_dpo_trains_with_only_max_length_set(tmp_path, tiny_run_model):
+    """`anita dpo --max-length 128` and no other length flag trains: the prompt limit is not a fixed
+    512 that a short max_length would contradict (TRL 1.16: no separate prompt limit)."""
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(4))
+    argv = ["dpo", "--model", str(tiny_run_model), "--data", str(tmp_path / "train.jsonl"), "--output",
+            str(tmp_path / "o"), "--max-length", "128", "--max-steps", "1", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()

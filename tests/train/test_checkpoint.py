@@ -80,6 +80,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_run_model)
 def test_output_dir_holding_a_run_is_not_clobbered(tmp_path):
     cfg = {"lr": 1e-3, "seed": 1, "save_steps": 5}
     out = prepare_run_dir(cfg, tmp_path / "run", resume=False, info=DistInfo())
+    (out / "checkpoints" / "step-000001").mkdir()  # a run that got past its first checkpoint
     with pytest.raises(AnitaError, match="already holds files.*--resume"):
         prepare_run_dir(cfg, out, resume=False, info=DistInfo())
     with pytest.raises(AnitaError, match=r"holds a different run \(lr: 0.001 -> 0.002"):
@@ -91,8 +92,48 @@ def test_output_dir_holding_a_run_is_not_clobbered(tmp_path):
         prepare_run_dir(cfg, tmp_path / "other", resume=True, info=DistInfo())
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_that_stopped_before_its_first_checkpoint_is_not_a_run(tmp_path, resume, capsys):
+    """run.json, metrics.jsonl and an empty or half-written checkpoints/ without one complete
+    checkpoint: the corrected command (changed settings, with or without --resume) starts afresh;
+    a file anita did not write keeps the directory refused, and is never deleted."""
+    out = prepare_run_dir({"lr": float("nan")}, tmp_path / "run", resume=False, info=DistInfo())
+    (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 1.0}\n')
+    (out / "checkpoints" / ".tmp-step-000001").mkdir()
+    prepare_run_dir({"lr": 1e-4}, out, resume=resume, info=DistInfo())
+    assert "starting afresh" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "run.json"]
+    assert json.loads((out / "run.json").read_text()) == {"lr": 1e-4}
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(AnitaError, match="already holds files"):
+        prepare_run_dir({"lr": 1e-3}, out, resume=False, info=DistInfo())
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     for name in ("step-000002", "step-000010", ".tmp-step-000011", "step-junk"):
         (root / name).mkdir(parents=True)
     assert latest_checkpoint(tmp_path).name == "step-000010"
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_too_little_data_fails_before_the_model_loads_and_leaves_no_directory(command, tmp_path, tiny_run_model,
+                                                                              monkeypatch, capsys):
+    """4 rows in micro-batches of 2 are 2 micro-batches; 4 accumulated per step do not fit: the
+    error comes from the step arithmetic, before any model is loaded, and OUTPUT is never made."""
+    import anita.dpo.run
+    import anita.train.sft
+
+    def no_model(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(anita.train.sft, "load_trainable_model", no_model)
+    monkeypatch.setattr(anita.dpo.run, "load_trainable_model", no_model)
+    rows = chat_rows(4) if command == "sft" else [{"prompt": f"p{i}", "chosen": "si", "rejected": "no"} for i in range(4)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    argv = [command, "--model", str(tiny_run_model), "--data", data, "--output", str(tmp_path / "out"),
+            "--batch-size", "2", "--grad-accum", "4", "--no-progress"]
+    assert main(argv) == 2
+    assert "one optimizer step needs 4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

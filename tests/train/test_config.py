@@ -56,7 +56,7 @@ def test_flags_toml_and_yaml_give_the_same_config(tmp_path):
     assert from_flags == parse(["--config", str(tmp_path / "c.toml")]) == parse(["--config", str(tmp_path / "c.yaml")])
     cfg = from_flags
     assert (cfg.lora_r, cfg.targets, cfg.max_steps, cfg.qlora) == (64, ["q_proj", "v_proj"], 30, True)
-    assert from_flags.batch_size == 16 and from_flags.grad_accum == 8  # the recipe's defaults stay
+    assert from_flags.batch_size == 8 and from_flags.grad_accum == 1  # the defaults of what was not set stay
     assert TrainConfig().targets == list(PROJECTIONS)
 
 
@@ -110,3 +110,11 @@ def test_fresh_adapter_settings_beside_adapter_are_refused_from_python():
     with pytest.raises(AnitaError, match="lora_r: settings of a fresh adapter"):
         TrainConfig(model="m", data="d", output="o", adapter="a.d", lora_r=32).validate()
     TrainConfig(model="m", data="d", output="o", adapter="a.d").validate()
+
+
+def test_bare_defaults_are_what_a_trl_user_expects():
+    """STYLE rule 9: micro-batch 8, no accumulation, no warm-up, torch AdamW, no weight decay,
+    max_length 1024 (TRL 1.16's SFTConfig); the paper's values live in anita/recipes/."""
+    cfg = parse(REQUIRED)
+    assert (cfg.batch_size, cfg.grad_accum, cfg.warmup_steps, cfg.warmup_ratio, cfg.optimizer, cfg.weight_decay,
+            cfg.max_length, cfg.gradient_checkpointing) == (8, 1, 0, None, "adamw", 0.0, 1024, True)

@@ -16,7 +16,8 @@ from anita.train.checkpoint import adapter_is_finite, latest_checkpoint, load_ch
 from anita.train.config import TrainConfig
 from anita.train.data import MicroBatches, load_examples
 from anita.train.distributed import DistInfo
-from anita.train.loop import LossModule, build_training, total_steps, train, train_step
+from anita.train.loop import (LossModule, RunPlan, build_training, describe, plan_run, total_steps, train,
+                              train_step)
 from anita.train.loss import sft_loss
 from tests.conftest import tiny_model
 from tests.train.conftest import VOCAB, chat_rows, write_jsonl
@@ -46,7 +47,7 @@ def _one_step_gradients(examples, batch_size, grad_accum):
     model = _lora_model()
     cfg = _cfg(batch_size=batch_size, grad_accum=grad_accum)
     data = MicroBatches(examples, batch_size, 64, packing=False, pad_id=0, shuffle=False)
-    params, optimizer, scheduler = build_training(model, cfg, steps=1)
+    params, optimizer, scheduler = build_training(model, cfg, RunPlan(steps=1, warmup=0, optimizer="adamw", per_epoch=1))
     with_metric = lambda m, b: (*sft_loss(m, b)[:2], {"one": 1.0})  # noqa: E731
     record = train_step(LossModule(model, with_metric), data, 0, params, optimizer, scheduler, cfg, DistInfo())
     return [p.grad.clone() for p in params], record
@@ -93,8 +94,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(examples, tmp_
     assert adapter_is_finite(model)  # the NaN gradient was never applied
     last = latest_checkpoint(tmp_path)
     assert last.name == "step-000004"
-    params, optimizer, scheduler = build_training(_lora_model(), cfg, 8)
+    params, optimizer, scheduler = build_training(_lora_model(), cfg, plan_run(cfg, data.per_epoch, DistInfo()))
     assert load_checkpoint(last, _lora_model(), optimizer, scheduler, DistInfo()) == 4
     assert not (tmp_path / "adapter").exists()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_the_plan_line_says_what_the_run_will_do():
+    """The first line of a run: effective batch, steps, warm-up, the optimizer as built, lengths,
+    the model; a warm-up that fills the run is a warning; paged 8-bit AdamW is plain 8-bit on CPU."""
+    cfg = TrainConfig(model="m", data="d", output="o", batch_size=4, grad_accum=2, warmup_steps=100, max_steps=24,
+                      optimizer="paged_adamw_8bit")
+    plan = plan_run(cfg, per_epoch=10, info=DistInfo())
+    assert plan == RunPlan(steps=24, warmup=100, optimizer="adamw_8bit", per_epoch=10)
+    text = describe(plan, cfg, DistInfo(), "rows")
+    assert text.startswith("24 steps of 8 rows (4 per micro-batch x 2 accumulated x 1 process(es); 10 micro-batches")
+    assert "warm-up 100 steps" in text and "adamw_8bit (paged_adamw_8bit pages only on CUDA)" in text
+    assert "NF4 base (QLoRA) with a fresh LoRA r=16, alpha=8" in text
+    assert "\nwarning: the warm-up (100 steps) is as long as the run (24 steps)" in text
+    assert "warning" not in describe(plan_run(_cfg(max_steps=24), 10, DistInfo()), _cfg(max_steps=24), DistInfo(), "rows")
