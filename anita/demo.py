@@ -34,6 +34,8 @@ from anita.recipes import ANITA_SYSTEM_PROMPT
 from anita.train import TrainConfig, run_sft
 
 MARKER = ".anita-demo"  # marks a directory this command made, so a re-run may replace it
+QUICK_NOTE = ("--quick: a tiny Llama-3-shaped model with RANDOM weights (and the real Llama 3 tokenizer) runs every "
+              "stage in seconds; its answers are random tokens by design. Drop --quick for the real SmolLM2 run.")
 PROMPTS = [
     "Qual è la capitale d'Italia e per cosa è famosa?",
     "Dammi tre consigli per dormire meglio.",
@@ -189,8 +191,9 @@ def metrics_rows(before: dict, after: dict, runs: dict[str, list[dict]]) -> list
     return rows
 
 
-def write_report(out: Path, model: str, rows, before_answers, after_answers, timings: dict[str, float]) -> Path:
-    lines = ["# anita demo: the ANITA recipe in miniature", "",
+def write_report(out: Path, model: str, rows, before_answers, after_answers, timings: dict[str, float],
+                 note: str = "") -> Path:
+    lines = ["# anita demo: the ANITA recipe in miniature", "", *([note, ""] if note else []),
              f"Base model: `{model}`. Stages: QLoRA SFT → DPO → continued pre-training on Italian prose → "
              "merge into the unquantized base, saved in bf16. Data: anita/data (written for anita).", "",
              "## Metrics (before = base model, after = merged model)", "", "| metric | before | after |",
@@ -216,12 +219,15 @@ def run_demo(output="anita-demo", model: str | None = None, device: str = "cpu",
     out = prepare_output(Path(output))
     plan = Plan.quick() if quick else Plan()
     timings: dict[str, float] = {}
+    if quick:
+        print(QUICK_NOTE, flush=True)
 
     def timed(name, fn, *a):
         print(f"\n== {name} ==", flush=True)
         start = time.perf_counter()
         result = fn(*a)
         timings[name] = time.perf_counter() - start
+        print(f"({name}: {timings[name]:.0f} s)", flush=True)
         return result
 
     model = timed("prepare model", resolve_model, model, quick, out)
@@ -236,7 +242,7 @@ def run_demo(output="anita-demo", model: str | None = None, device: str = "cpu",
     after = timed("evaluate merged", evaluate, str(merged), device, plan)
     after_answers = timed("answers after", answers, str(merged), device, plan.new_tokens)
     rows = metrics_rows(before, after, runs)
-    report = write_report(out, model, rows, before_answers, after_answers, timings)
+    report = write_report(out, model, rows, before_answers, after_answers, timings, QUICK_NOTE if quick else "")
     summary = {"before": before, "after": after, "timings": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + "\n".join(f"{m}: {b} -> {a}" for m, b, a in rows))

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from safetensors.torch import save_file
+
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_name)` for a temporary file beside `path`, then rename it into place. The file
@@ -22,8 +24,10 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
     path = Path(path)
     tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = os.stat(tmp).st_mode  # 0o666 less the umask
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # some writers (safetensors) make their files owner-only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -32,6 +36,11 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
 
 def write_text(path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, atomically and with ordinary permissions."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
 
 
 def write_json(path, obj) -> None:

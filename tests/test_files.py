@@ -4,7 +4,10 @@ import os
 
 import pytest
 
-from anita.files import atomic_write, replace_dir, write_json, write_text
+import torch
+from safetensors.torch import load_file
+
+from anita.files import atomic_write, replace_dir, save_safetensors, write_json, write_text
 
 
 def test_written_files_get_the_umasks_permissions(tmp_path):
@@ -14,10 +17,12 @@ def test_written_files_get_the_umasks_permissions(tmp_path):
     try:
         write_json(tmp_path / "run.json", {"lr": 1e-4})
         write_text(tmp_path / "m.jsonl", "{}\n")
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")  # safetensors itself writes 0o600
     finally:
         os.umask(old)
-    assert oct(os.stat(tmp_path / "run.json").st_mode & 0o777) == oct(0o644)
-    assert oct(os.stat(tmp_path / "m.jsonl").st_mode & 0o777) == oct(0o644)
+    for name in ("run.json", "m.jsonl", "w.safetensors"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644), name
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.ones(2))
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

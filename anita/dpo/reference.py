@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from anita.dpo.logps import concatenated_logps
 from anita.errors import AnitaError
-from anita.files import atomic_write
+from anita.files import save_safetensors
 from anita.lora import disable_lora, lora_parameters
 from anita.runtime import eval_mode
 
@@ -185,7 +185,7 @@ def write_cache(path, key: dict[str, str], chosen: torch.Tensor, rejected: torch
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"chosen_logps": chosen.contiguous(), "rejected_logps": rejected.contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={**key, "rows": str(len(chosen))}))
+    save_safetensors(tensors, path, metadata={**key, "rows": str(len(chosen))})
 
 
 def cached_reference(path, key: dict[str, str], compute) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:

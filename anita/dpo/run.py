@@ -102,7 +102,8 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
                                          ref_logps=t) for i, (d, t) in enumerate(zip(datasets, tables))]
         objective = DPOObjective(dpo_settings(cfg), build_reference(model, cfg))
         eval_batches = batches[1] if len(batches) > 1 else None
-        records = train(model, objective, batches[0], cfg, info, out, eval_batches, base_model=cfg.model)
+        records = train(model, objective, batches[0], cfg, info, out, eval_batches, base_model=cfg.model,
+                        unit="preference pair")
         if info.is_main and records:
             plot_preference_metrics(records, out / DPO_PLOT_FILE)
         return records

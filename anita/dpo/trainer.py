@@ -125,4 +125,6 @@ def plot_preference_metrics(records: list[dict], path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize="small")
+    fig.suptitle("train: each point is one step's batch of pairs (noisy); held-out: the whole held-out set",
+                 fontsize="small")
     fig.savefig(path, dpi=100)

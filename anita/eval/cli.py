@@ -84,7 +84,7 @@ def register(sub) -> None:
                    "default: the task's other questions")
     p.add_argument("--num-fewshot", type=int, help="examples before each question (default 0)")
     p.add_argument("--batch-size", type=int, help="choices scored per forward pass (default 8)")
-    p.add_argument("--limit", type=int, help="score only the first N questions")
+    p.add_argument("--limit", type=int, help="score only the first N questions (default: all)")
     p.add_argument("--seed", type=int, help="few-shot sampling seed (default 1234, the harness's)")
     p.add_argument("--add-bos", action="store_true",
                    help="tokenize with the tokenizer's special tokens (BOS for Llama 3), as lm-eval-harness "

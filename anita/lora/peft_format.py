@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from anita.errors import AnitaError
-from anita.files import atomic_write, write_json
+from anita.files import save_safetensors, write_json
 from anita.lora.layer import LoraConfig, is_base_linear
 from anita.lora.model import (LoraReport, check_wrappable, freeze_all_but_lora, load_lora_state_dict, lora_layers,
                               lora_state_dict, wrap_modules)
@@ -65,7 +65,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     tensors = {PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_safetensors(tensors, out_dir / WEIGHTS_FILE)
     write_json(out_dir / CONFIG_FILE, peft_config)
 
 
@@ -85,6 +85,9 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> LoraRepo
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AnitaError(f"{adapter_dir}: no such adapter directory")
+    if not (adapter_dir / CONFIG_FILE).exists() and (adapter_dir / "adapter" / CONFIG_FILE).is_file():
+        raise AnitaError(f"{adapter_dir}: a training run's directory, not an adapter; its final adapter is "
+                         f"{adapter_dir / 'adapter'}")
     tensors = read_adapter_weights(adapter_dir / WEIGHTS_FILE)
     targets = adapter_targets(adapter_dir / WEIGHTS_FILE, tensors)
     config = read_adapter_config(adapter_dir / CONFIG_FILE, dtype, targets)

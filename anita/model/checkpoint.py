@@ -21,11 +21,11 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from anita.dtypes import parse_dtype
 from anita.errors import AnitaError
+from anita.files import save_safetensors
 from anita.hub import resolve_model_dir
 from anita.model.config import LlamaConfig
 from anita.model.llama import Llama, rope_inv_freq
@@ -163,12 +163,12 @@ def save_pretrained(model: Llama, out_dir, max_shard_size: int = 5 * 2**30, dtyp
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+            save_safetensors(shards[0], tmp / SINGLE_FILE)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                save_safetensors(shard, tmp / name)
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -37,14 +37,17 @@ def run_convert(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a model (streamed)")
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue, or with --chat the user's message")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
     p.add_argument("--system", help="system message (implies --chat); e.g. the ANITA prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (ANITA's examples use 0.6)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (ANITA's examples use 0.9)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); ANITA's examples sample at 0.6")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this much mass (default: all); "
+                        "ANITA's examples use 0.9")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
     p.set_defaults(func=run_generate)
 
     p = sub.add_parser("convert-gguf", help="convert a llama.cpp GGUF Llama model to an HF-layout directory")

@@ -211,7 +211,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
         kind, _ = _field_type(cls, f.name)
         option = "--" + f.name.replace("_", "-")
         default = field_default(cls, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
         kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
         if kind is bool:
             parser.add_argument(option, action=argparse.BooleanOptionalAction, **kw)

@@ -225,9 +225,10 @@ def save(out, step, model, optimizer, scheduler, cfg: TrainConfig, info: DistInf
 
 
 def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistInfo, out,
-          eval_data=None, base_model: str | None = None) -> list[dict]:
+          eval_data=None, base_model: str | None = None, unit: str = "trained token") -> list[dict]:
     """Train the model's trainable parameters; resume from OUTPUT's last checkpoint if there is
-    one. Returns the metrics records of the whole run (also in OUTPUT/metrics.jsonl)."""
+    one. Returns the metrics records of the whole run (also in OUTPUT/metrics.jsonl). `unit` is
+    what loss_fn's count counts (SFT: trained tokens; DPO: preference pairs), for the plot."""
     plan = plan_run(cfg, data.per_epoch, info)
     steps = plan.steps
     params, optimizer, scheduler = build_training(model, cfg, plan)
@@ -252,24 +253,26 @@ def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistI
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         done = step + 1
         if eval_data is not None and (done == steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
-            _log_eval(module, eval_data, done, cfg, info, log)
+            bar.set_postfix_str(f"step {done}: held-out evaluation")
+            _log_eval(module, eval_data, done, cfg, info, log, say=bar.write)
         if done == steps or done % cfg.save_steps == 0:
+            bar.set_postfix_str(f"step {done}: writing checkpoint")
             last = save(out, done, model, optimizer, scheduler, cfg, info, base_model)
     bar.close()
-    return finish_run(out, last, log, info)
+    return finish_run(out, last, log, info, unit)
 
 
-def _log_eval(module, eval_data, step, cfg, info, log) -> None:
+def _log_eval(module, eval_data, step, cfg, info, log, say=print) -> None:
     loss, metrics = evaluate(module, eval_data, cfg, info)
     if info.is_main:
         log.append({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in metrics.items()}})
-        print(f"step {step}: held-out loss {loss:.4f}", flush=True)
+        say(f"step {step}: held-out loss {loss:.4f}")
 
 
-def finish_run(out, last, log: MetricsLog, info: DistInfo) -> list[dict]:
+def finish_run(out, last, log: MetricsLog, info: DistInfo, unit: str = "trained token") -> list[dict]:
     """OUTPUT/adapter from the last checkpoint, and the plot of the curves (rank 0)."""
     records = log.read() if info.is_main else []
     if info.is_main and last is not None:
         ckpt.export_adapter(last, out)
-        plot_metrics(records, out / PLOT_FILE)
+        plot_metrics(records, out / PLOT_FILE, loss_title=f"loss (per {unit})")
     return records

@@ -60,14 +60,14 @@ def progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
-def plot_metrics(records: list[dict], path) -> None:
+def plot_metrics(records: list[dict], path, loss_title: str = "loss (per trained token)") -> None:
     """Four panels against the step: train and eval loss, learning rate, grad norm, tokens/s."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     fig = Figure(figsize=(10, 7))
     fig.subplots_adjust(hspace=0.35, wspace=0.25)  # fixed spacing: a layout engine costs seconds
     axes = fig.subplots(2, 2).ravel()
-    panels = [("loss", "loss (per trained token)"), ("lr", "learning rate"),
+    panels = [("loss", loss_title), ("lr", "learning rate"),
               ("grad_norm", "gradient norm (before clipping)"), ("tokens_per_s", "tokens / s")]
     for ax, (key, title) in zip(axes, panels):
         ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
@@ -76,4 +76,5 @@ def plot_metrics(records: list[dict], path) -> None:
     if evals:
         axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
     axes[0].legend()
+    fig.suptitle("train: each point is one step's batch; held-out: the whole held-out set", fontsize="small")
     fig.savefig(path, dpi=100)

@@ -76,3 +76,14 @@ def test_merge_refuses_a_non_empty_output_and_bad_adapters(base_and_adapter, tmp
     assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "new")]) == 2
     assert "adapter weights not found" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_merge_given_a_run_directory_points_to_its_adapter(base_and_adapter, tmp_path, capsys):
+    """`--adapter RUN_DIR` (the training run, not its adapter/): the error names the adapter to use."""
+    base, adapter, _ = base_and_adapter
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    (run / "metrics.jsonl").write_text("")
+    assert main(["merge", "--model", str(base), "--adapter", str(run), "--output", str(tmp_path / "m")]) == 2
+    assert f"a training run's directory, not an adapter; its final adapter is {run / 'adapter'}" in \
+        capsys.readouterr().err
