@@ -1,4 +1,4 @@
-"""`run_demo` (the `anita demo` command): the LLaMAntino-3-ANITA recipe (shared/RECIPE.md) in
+"""`run_demo` (the `anita demo` command): the LLaMAntino-3-ANITA recipe (docs/recipe.md) in
 miniature, offline.
 
 Stages, as in the paper, on the Italian data that ships with anita (anita/data/):
@@ -120,7 +120,7 @@ def resolve_model(model: str | None, quick: bool, out: Path) -> str:
 # ----------------------------------------------------------------------------- stages
 def answers(model_path: str, device: str, new_tokens: int) -> list[str]:
     """Answers to the demo prompts under the authors' Italian system prompt, sampled with their
-    settings (temperature 0.6, top-p 0.9; shared/RECIPE.md) from a fixed seed."""
+    settings (temperature 0.6, top-p 0.9; docs/recipe.md) from a fixed seed."""
     model, tok = from_pretrained(model_path, device=device), Tokenizer.from_pretrained(model_path)
     chats = [tok.apply_chat_template([{"role": "system", "content": ANITA_SYSTEM_PROMPT},
                                       {"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]

@@ -1,4 +1,4 @@
-"""The dtype policy, in one place (STYLE rule 3).
+"""The dtype policy, in one place.
 
 - Weights (a model's, the NF4 code's input and output, a 4-bit layer's compute) are fp32, bf16
   or fp16; LoRA matrices are fp32 or bf16 (fp16 adapters overflow in training).

@@ -31,7 +31,7 @@ import torch
 from anita.dtypes import parse_dtype
 from anita.model.llama import PROJECTIONS
 
-LORA_TARGETS = PROJECTIONS  # the seven projections LoRA wraps in the recipe (shared/RECIPE.md)
+LORA_TARGETS = PROJECTIONS  # the seven projections LoRA wraps in the recipe (docs/recipe.md)
 BENCHES = ("forward", "decode", "sft", "dpo")
 SYSTEMS = ("anita", "hf")
 # Dense bf16 tensor-core peak of the GPUs the CUDA workload is meant for (vendor data sheets, SXM).

@@ -1,4 +1,4 @@
-"""The shape of the package, read from its source with `ast` (shared/STYLE.md, rule 7):
+"""The shape of the package, read from its source with `ast` (the house style's rules 4 and 7):
 
 - the import graph of `anita` has no cycles (counting the names a package exports lazily);
 - only `anita/cli.py` imports a `cli.py` module;
@@ -141,7 +141,7 @@ def test_the_loss_imports_alone():
 
 
 def test_the_readme_file_map_lists_every_module_and_nothing_stale():
-    """STYLE rule 4: one line per file in README.md's file map, kept current."""
+    """The house rule: one line per file in README.md's file map, kept current."""
     readme = (ROOT.parent / "README.md").read_text()
     modules = [str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py") if p.name != "__init__.py"]
     assert [m for m in sorted(modules) if f"`{m}`" not in readme] == []

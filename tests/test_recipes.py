@@ -1,5 +1,5 @@
 """The shipped recipe files parse with the CLI's own reader, validate, and state the authors'
-numbers themselves (shared/RECIPE.md, "Hyper-parameters in the authors' scripts") rather than
+numbers themselves (docs/recipe.md, "Hyper-parameters in the authors' scripts") rather than
 leaning on defaults that could change."""
 
 from importlib.resources import files

@@ -1,4 +1,4 @@
-"""`anita dpo`: preference optimization (RECIPE.md stage 2) of a LoRA adapter; `anita.dpo.run_dpo`.
+"""`anita dpo`: preference optimization (docs/recipe.md, stage 2) of a LoRA adapter; `anita.dpo.run_dpo`.
 
     anita dpo --model DIR [--adapter SFT_ADAPTER] --data FILE --output DIR --beta 0.1 --loss sigmoid
               [--label-smoothing E] [--reference adapters-off|adapter|precomputed|none]

@@ -5,7 +5,7 @@ the model training starts from. With LoRA that model is already in memory:
 
 (a) `AdaptersOff`: training a fresh adapter starts from the base, so π_ref is the policy with every
     LoRA layer switched off (`anita.lora.disable_lora`): no second copy of the model. This is
-    the recipe's reference (shared/RECIPE.md) and TRL's for a PEFT model.
+    the recipe's reference (docs/recipe.md) and TRL's for a PEFT model.
 (b) `FrozenAdapter`: continuing from an SFT adapter, training starts from base + SFT adapter, so
     that is π_ref, not the bare base (using the bare base is a known pitfall: the rewards are then
     not 0 at step 0 and DPO also pulls the policy back towards the pre-SFT model). A copy of the

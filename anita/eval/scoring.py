@@ -9,7 +9,7 @@ over the context plus C·T tokens, instead of C·(context + T). For an fp32 mode
 sum the harness computes (up to float rounding), without the padding of a mixed-length batch.
 
 Log-probabilities come from `anita.model.logprobs.token_logps` (the one log-prob module, shared with
-SFT and DPO): the output head and the log-softmax in fp32 (STYLE rule 3), a chunk of positions at a
+SFT and DPO): the output head and the log-softmax in fp32 (as every sensitive step), a chunk of positions at a
 time, so the fp32 logits of a long continuation or window ([N, V]) never exist at once. For a bf16
 or fp16 model this differs from the harness, whose logits and log-softmax stay in the model's
 dtype: only the head is more exact here, the hidden states carry the model's own rounding either

@@ -1,6 +1,6 @@
 """A base checkpoint and a LoRA adapter directory together: loaded for generation and scoring
 (`load_for_inference`), or folded into one HF-layout model directory (`merge_to_directory`, the
-recipe's last stage: "adapters merged into a bf16 base and published", shared/RECIPE.md).
+recipe's last stage: "adapters merged into a bf16 base and published", docs/recipe.md).
 
 The merge loads the base in full precision (`dtype`), the adapter in fp32, and computes the merged
 weights in fp32 (`anita.lora.merge_lora`), so the written model gives the logits of base + adapter.

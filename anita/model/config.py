@@ -1,7 +1,7 @@
 """`LlamaConfig`: the numbers that fix a Llama 3 / 3.1 / 3.2 model, read from an HF `config.json`.
 
 Field names are those of Hugging Face's `LlamaConfig`, so a `config.json` written by transformers
-reads here and one written here reads there. Presets hold the shapes of shared/RECIPE.md's table
+reads here and one written here reads there. Presets hold the shapes of the table in docs/recipe.md
 (Meta's model cards) and a tiny size for tests.
 """
 

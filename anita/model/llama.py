@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from anita.model.config import LlamaConfig
 
-# The seven projections of a block, by their HF names (shared/RECIPE.md: "q, k, v, o, gate, up, down").
+# The seven projections of a block, by their HF names (docs/recipe.md: "q, k, v, o, gate, up, down").
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -1,7 +1,7 @@
 """The tokenizer (Hugging Face `tokenizers`, reading `tokenizer.json`) and chat formats.
 
 Two chat formats:
-- "llama3", written out here (Meta's Llama 3 model card; shared/RECIPE.md):
+- "llama3", written out here (Meta's Llama 3 model card; docs/recipe.md):
   `<|begin_of_text|>` then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
   the content stripped of surrounding whitespace as Meta's template does; a generation prompt
   ends with `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.

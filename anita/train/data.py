@@ -3,7 +3,7 @@
 Row formats are TRL's dataset conventions (huggingface.co/docs/trl/dataset_formats):
   conversational     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   prompt-completion  {"prompt": "...", "completion": "..."}, or both as lists of messages
-  language modeling  {"text": "..."}  (continued pre-training, RECIPE.md stage 3)
+  language modeling  {"text": "..."}  (continued pre-training, docs/recipe.md stage 3)
 Other keys are ignored. Chats are rendered with the checkpoint's chat format
 (`Tokenizer.apply_chat_template`) and only assistant tokens are trained; prompt-completion rows
 train the completion only, found as TRL does: the completion starts where the tokens of the

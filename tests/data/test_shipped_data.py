@@ -21,7 +21,7 @@ import pytest
 from anita.data import SHIPPED_FILES, data_path, load_shipped
 from anita.errors import AnitaError
 
-# The ANITA authors' system prompt, word for word with their typo "un an" (shared/RECIPE.md).
+# The ANITA authors' system prompt, word for word with their typo "un an" (docs/recipe.md).
 ANITA_SYSTEM = (
     "Sei un an assistente AI per la lingua Italiana di nome LLaMAntino-3 ANITA (Advanced "
     "Natural-based interaction for the ITAlian language). Rispondi nella lingua usata per la "

@@ -113,7 +113,7 @@ def test_fresh_adapter_settings_beside_adapter_are_refused_from_python():
 
 
 def test_bare_defaults_are_what_a_trl_user_expects():
-    """STYLE rule 9: micro-batch 8, no accumulation, no warm-up, torch AdamW, no weight decay,
+    """The house rule for bare commands: micro-batch 8, no accumulation, no warm-up, torch AdamW, no weight decay,
     max_length 1024 (TRL 1.16's SFTConfig); the paper's values live in anita/recipes/."""
     cfg = parse(REQUIRED)
     assert (cfg.batch_size, cfg.grad_accum, cfg.warmup_steps, cfg.warmup_ratio, cfg.optimizer, cfg.weight_decay,
