@@ -85,7 +85,7 @@ def run_harness(args) -> int:
     names = [t.task for t in suite] if suite else [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise AnitaError("--tasks: give at least one task name, comma-separated")
-    manager = task_manager(args.include_path)
+    manager = task_manager(names, args.include_path)
     check_tasks(manager, names)
     lm = harness_model(args)
     if suite:

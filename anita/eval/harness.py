@@ -30,8 +30,10 @@ registered) and `import anita.eval.harness` before `lm_eval.simple_evaluate(mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -255,15 +257,19 @@ if register_model is not None:
 # ------------------------------------------------------------------------------ running tasks
 # lm-eval's task machinery (datasets and all) is imported where tasks run, not at import time, so
 # the `anita` command starts as fast without it.
-def task_manager(include_path=None, include_defaults: bool = True):
-    """lm-eval's `TaskManager` over its own tasks and/or the YAML files under `include_path`."""
+def task_manager(names: list[str], include_path=None):
+    """lm-eval's `TaskManager` for `names`: over the YAML files under `include_path` alone when they
+    hold every name (indexing lm-eval's own ~15,000 tasks takes seconds), else over both."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    for path in [include_path] if isinstance(include_path, str) or include_path is None else include_path:
-        if path is not None and not Path(path).exists():
-            raise AnitaError(f"{path}: no such task directory (--include-path)")
-    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+    if include_path is not None:
+        if not Path(include_path).exists():
+            raise AnitaError(f"{include_path}: no such task directory (--include-path)")
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local
+    return TaskManager(include_path=None if include_path is None else str(include_path))
 
 
 def check_tasks(manager, names: list[str]) -> None:
@@ -294,8 +300,9 @@ def run_tasks(lm, manager, names: list[str], num_fewshot: int | None = None, lim
     the few-shot sampling seed (the harness's default 1234)."""
     from lm_eval import simple_evaluate
 
-    return simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                           log_samples=False, fewshot_random_seed=seed)
+    with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress; stdout is for the results
+        return simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+                               log_samples=False, fewshot_random_seed=seed)
 
 
 def results_table(results: dict) -> str:

@@ -79,3 +79,21 @@ def summarise(results: dict) -> dict:
                for task, samples in results["samples"].items()}
     responses = {task: [s["resps"] for s in samples] for task, samples in results["samples"].items()}
     return json.loads(json.dumps({"metrics": metrics, "arguments": answers, "responses": responses}))
+
+
+def checkpoint_dir(name: str, tmp):
+    """The checkpoint of a case: the tiny model saved to `tmp`, or the real SmolLM2."""
+    from anita.assets import smollm2_dir
+    from tests.eval.tiny import save_tiny
+
+    return save_tiny(Path(tmp)) if name == "tiny" else smollm2_dir()
+
+
+def hf_fixture(tmp) -> dict:
+    """Every case run by the harness's `hf` model (what make_fixtures.py saves)."""
+    out = {}
+    for name, case in CASES.items():
+        model_dir = checkpoint_dir(case["checkpoint"], Path(tmp) / name)
+        adapter = make_adapter(model_dir, Path(tmp) / name / "adapter") if case.get("adapter") else None
+        out[name] = run("hf", model_dir, case, adapter)
+    return out

@@ -222,3 +222,20 @@ def test_choice_that_adds_no_token_is_an_error():
     q = Question("s", ("a", " casa"), 0, where="t.jsonl:4")
     with pytest.raises(AnitaError, match="t.jsonl:4: choice 0 'a' adds no token"):
         choice_loglikelihoods(model, tok, [q], [q.context])
+
+
+def test_padded_pairs_equal_the_shared_context_path():
+    """scoring.py's two paths give the same log-likelihoods and is_greedy flags: each pair as a row
+    of a right-padded batch, and the pairs of one context against its KV cache."""
+    from anita.eval.scoring import score_continuations, score_pairs
+
+    model, tok = tiny_mc_model(), tiny_tokenizer()
+    context = tok.encode("Domanda: la casa è", add_special_tokens=False)
+    continuations = [tok.encode(c, add_special_tokens=False) for c in (" rossa e grande.", " sa", " casa casa")]
+    plain = score_pairs(model, [(context, c) for c in continuations], greedy=True)
+    shared = score_continuations(model, context, continuations, batch_size=2, greedy=True)
+    for p, s in zip(plain, shared):
+        assert p.logprob == pytest.approx(s.logprob, abs=1e-5) and p.greedy == s.greedy
+    greedy = [int(model(torch.tensor([context])).argmax(-1)[0, -1])]  # the model's own next token
+    [hit] = score_pairs(model, [(context, greedy)], greedy=True)
+    assert hit.greedy is True and not all(s.greedy for s in plain)
