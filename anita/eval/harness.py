@@ -205,13 +205,14 @@ class AnitaLM(LM):
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise AnitaError("AnitaLM: batch_size=auto is not supported; give a number of rows per forward pass")
-        batch_size = positive_int("batch_size", batch_size)
+        batch_size = positive_int("batch_size", batch_size)  # arguments first: a typo fails before loading
         max_length = None if max_length is None else positive_int("max_length", max_length)
+        max_gen_toks, add_bos_token = positive_int("max_gen_toks", max_gen_toks), optional_bool("add_bos_token",
+                                                                                               add_bos_token)
         model, tokenizer = load_for_inference(pretrained, adapter, dtype, device, quantize)
         stop_ids = generation_stop_ids(resolve_model_dir(pretrained), model.config)
-        self.requests = HarnessRequests(model, tokenizer, stop_ids, batch_size, max_length,
-                                        positive_int("max_gen_toks", max_gen_toks),
-                                        optional_bool("add_bos_token", add_bos_token))
+        self.requests = HarnessRequests(model, tokenizer, stop_ids, batch_size, max_length, max_gen_toks,
+                                        add_bos_token)
         self._device = model.device
         self.pretrained, self.adapter = str(pretrained), adapter
 
