@@ -46,18 +46,21 @@ def check_flags(args) -> None:
     check_positive("--num-fewshot", args.num_fewshot, minimum=0)
     if args.tasks or args.suite:
         check_harness_flags(args)
-    elif args.perplexity:
+        return
+    harness_only = [f for f, v in [("--include-path", args.include_path), ("--output", args.output)] if v is not None]
+    if harness_only:
+        raise AnitaError(f"{', '.join(harness_only)}: only for --tasks and --suite")
+    if args.perplexity:
         unused = [f for f, v in [("--fewshot-file", args.fewshot_file), ("--num-fewshot", args.num_fewshot),
                                  ("--limit", args.limit), ("--add-bos", args.add_bos)] if v]
         if unused:
             raise AnitaError(f"{', '.join(unused)}: only for --task; --perplexity scores every token of every "
                              "document, each started with BOS")
     else:
-        unused = [f for f, v in [("--window", args.window), ("--stride", args.stride), ("--include-path",
-                                 args.include_path), ("--output", args.output)] if v is not None]
+        unused = [f for f, v in [("--window", args.window), ("--stride", args.stride)] if v is not None]
         if unused:
-            raise AnitaError(f"{', '.join(unused)}: not for --task or --perplexity (--window and --stride are "
-                             "for --perplexity, --include-path and --output for --tasks and --suite)")
+            raise AnitaError(f"{', '.join(unused)}: only for --perplexity; --task scores each choice after its "
+                             "whole context")
 
 
 def check_harness_flags(args) -> None:
