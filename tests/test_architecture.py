@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "anita"
-OPTIONAL_DEPENDENCIES = {"bitsandbytes"}  # imported where used: a missing native library is not an import error
+# Imported where used: a missing native library is not an import error (bitsandbytes); lm-eval is the
+# `eval` extra, whose task machinery (datasets and all) loads only when harness tasks run.
+OPTIONAL_DEPENDENCIES = {"bitsandbytes", "lm_eval"}
 
 
 def module_name(path: Path) -> str:

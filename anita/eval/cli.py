@@ -1,9 +1,14 @@
 """`anita eval`: multiple-choice accuracy scored as lm-evaluation-harness does (anita.eval.mc), or
-the perplexity of a text (anita.eval.perplexity). Prints one JSON object on stdout.
+the perplexity of a text (anita.eval.perplexity), printed as one JSON object; or lm-evaluation-harness
+tasks run on the anita model (anita.eval.harness), or the paper's Italian suite beside its published
+numbers (anita.eval.suite), printed as a table.
 
     anita eval --model DIR [--adapter DIR] --task FILE [--fewshot-file FILE] [--num-fewshot K]
                [--batch-size N] [--limit N] [--seed S]
     anita eval --model DIR --perplexity FILE [--window N] [--stride N]
+    anita eval --model DIR [--adapter DIR] [--quantize nf4] --tasks arc_it,hellaswag_it [--num-fewshot K]
+               [--limit N] [--include-path DIR] [--output results.json]
+    anita eval --model DIR --suite anita [--limit N] [--output results.json]
 """
 
 from __future__ import annotations
@@ -11,10 +16,15 @@ from __future__ import annotations
 import json
 import sys
 
+from pathlib import Path
+
 from anita.arguments import add_model_args
 from anita.errors import AnitaError
+from anita.eval.harness import AnitaLM, check_tasks, results_table, run_tasks, task_manager
 from anita.eval.mc import evaluate_mc, read_questions
 from anita.eval.perplexity import evaluate_perplexity, read_texts
+from anita.eval.suite import by_shots, get_suite, suite_scores, suite_table
+from anita.files import write_json
 from anita.lora import load_for_inference
 
 
@@ -28,7 +38,7 @@ TASK_DEFAULTS = {"num_fewshot": 0, "batch_size": 8, "seed": 1234}
 
 
 def run_mc(args, model, tokenizer, questions, pool) -> dict:
-    return evaluate_mc(model, tokenizer, questions, num_fewshot=args.num_fewshot, fewshot_pool=pool,
+    return evaluate_mc(model, tokenizer, questions, num_fewshot=args.num_fewshot or 0, fewshot_pool=pool,
                        seed=args.seed, limit=args.limit, batch_size=args.batch_size,
                        add_special_tokens=args.add_bos, progress=sys.stderr.isatty())
 
@@ -39,6 +49,14 @@ def check_flags(args) -> None:
     check_positive("--batch-size", args.batch_size)
     check_positive("--limit", args.limit)
     check_positive("--num-fewshot", args.num_fewshot, minimum=0)
+    if args.tasks or args.suite:
+        check_harness_flags(args)
+        args.batch_size = TASK_DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size
+        args.seed = TASK_DEFAULTS["seed"] if args.seed is None else args.seed
+        return  # --num-fewshot None: each task's own
+    harness_only = [f for f, v in [("--include-path", args.include_path), ("--output", args.output)] if v is not None]
+    if harness_only:
+        raise AnitaError(f"{', '.join(harness_only)}: only for --tasks and --suite")
     if args.perplexity:
         unused = [f"--{n.replace('_', '-')}" for n in ("fewshot_file", "num_fewshot", "batch_size", "limit", "seed")
                   if getattr(args, n) is not None] + (["--add-bos"] if args.add_bos else [])
@@ -57,8 +75,52 @@ def check_flags(args) -> None:
             setattr(args, name, default)
 
 
+def check_harness_flags(args) -> None:
+    unused = [f for f, v in [("--fewshot-file", args.fewshot_file), ("--window", args.window),
+                             ("--stride", args.stride)] if v is not None]
+    if args.suite and args.num_fewshot is not None:
+        unused.append("--num-fewshot")
+    if unused:
+        raise AnitaError(f"{', '.join(unused)}: not for --tasks/--suite (the harness task sets its few-shot "
+                         "examples and windows; --suite uses the paper's shot counts)")
+    if args.output and Path(args.output).exists():
+        raise AnitaError(f"{args.output}: exists; choose another --output (nothing is overwritten)")
+    if args.output and not Path(args.output).parent.is_dir():
+        raise AnitaError(f"{args.output}: its directory does not exist")
+
+
+def harness_model(args) -> AnitaLM:
+    return AnitaLM(pretrained=args.model, adapter=args.adapter, quantize=args.quantize, dtype=args.dtype,
+                   device=args.device, batch_size=args.batch_size, add_bos_token=True if args.add_bos else None)
+
+
+def run_harness(args) -> int:
+    """--tasks: the harness's table; --suite: the paper's table. Tasks are checked before the model loads."""
+    suite = get_suite(args.suite) if args.suite else None
+    names = [t.task for t in suite] if suite else [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:
+        raise AnitaError("--tasks: give at least one task name, comma-separated")
+    manager = task_manager(names, args.include_path)
+    check_tasks(manager, names)
+    lm = harness_model(args)
+    if suite:
+        runs = [run_tasks(lm, manager, group, shots, args.limit, args.seed) for shots, group in by_shots(suite).items()]
+        merged = {name: row for run in runs for name, row in run["results"].items()}
+        scores = suite_scores(merged, suite)
+        print(suite_table(scores, suite, Path(args.model).name or args.model))
+        output = {"suite": args.suite, "scores": scores, "runs": runs}
+    else:
+        output = run_tasks(lm, manager, names, args.num_fewshot, args.limit, args.seed)
+        print(results_table(output))
+    if args.output:
+        write_json(args.output, json.loads(json.dumps(output, default=str)))
+    return 0
+
+
 def run_eval(args) -> int:
     check_flags(args)
+    if args.tasks or args.suite:
+        return run_harness(args)
     # Read the data before the model, so a bad row fails in a second, not after loading.
     if args.task:
         questions = read_questions(args.task)
@@ -80,9 +142,13 @@ def register(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", metavar="FILE", help='JSONL, one {"context", "choices", "gold"} per line')
     what.add_argument("--perplexity", metavar="FILE", help='a text file, or JSONL with one {"text"} per line')
+    what.add_argument("--tasks", metavar="A,B", help="lm-evaluation-harness tasks, comma-separated, run on the anita "
+                      'model (pip install "anita[eval]")')
+    what.add_argument("--suite", metavar="NAME", help="the paper's Italian suite (anita: arc_it, hellaswag_it, "
+                      "m_mmlu_it) beside the published numbers")
     p.add_argument("--fewshot-file", metavar="FILE", help="few-shot examples (same format as --task); "
                    "default: the task's other questions")
-    p.add_argument("--num-fewshot", type=int, help="examples before each question (default 0)")
+    p.add_argument("--num-fewshot", type=int, help="examples before each question (default 0; --tasks: the task's)")
     p.add_argument("--batch-size", type=int, help="choices scored per forward pass (default 8)")
     p.add_argument("--limit", type=int, help="score only the first N questions (default: all)")
     p.add_argument("--seed", type=int, help="few-shot sampling seed (default 1234, the harness's)")
@@ -91,4 +157,6 @@ def register(sub) -> None:
                         "with add_bos_token=True; default off, as the harness up to v0.4.9")
     p.add_argument("--window", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="perplexity stride in tokens (default: half the window)")
+    p.add_argument("--include-path", metavar="DIR", help="--tasks: a directory of task YAML files to add")
+    p.add_argument("--output", metavar="FILE", help="--tasks/--suite: write the harness's results as JSON")
     p.set_defaults(func=run_eval)

@@ -22,18 +22,19 @@ Scoring one (context, continuation) pair:
      tokenizer's own (a BOS for Llama 3), as the harness does with add_bos_token=True, and by
      default since it delegated BOS to the tokenizer (PR #3347, 2025).
   3. An empty context is [BOS] (EOS when the vocabulary has no BOS); the continuation is
-     encode(continuation).
+     encode(continuation) — unless that already starts with that token, which then becomes the
+     context (harness `TemplateLM.loglikelihood`).
   4. A pair longer than the model's max_position_embeddings L is cut from the left: the model
      reads (context_ids + continuation_ids)[-(L+1):][:-1].
   5. log-likelihood = Σ_t log p(continuation_t | all before it), log-softmax in fp32 (scoring.py).
 
-Metrics of one question (ties go to the first choice, as np.argmax):
-  acc            = [argmax_i ll_i == gold]
-  acc_norm       = [argmax_i ll_i / bytes_i == gold],  bytes_i = len(choice_i.encode("utf-8"))
-  acc_norm_chars = [argmax_i ll_i / len(choice_i) == gold]  (characters)
-Note: the harness's own `acc_norm` divides by len(choice) in characters (what `acc_norm_chars`
-reports here) and its `acc_bytes` by UTF-8 bytes; anita's `acc_norm` follows the byte-length
-definition of issue #7 and shared/RECIPE.md. They differ only for choices with non-ASCII text.
+Metrics of one question (ties go to the first choice, as np.argmax), named as the harness names
+them (`ConfigurableTask.process_results`, multiple_choice):
+  acc       = [argmax_i ll_i == gold]
+  acc_norm  = [argmax_i ll_i / len(choice_i) == gold]                 (characters)
+  acc_bytes = [argmax_i ll_i / len(choice_i.encode("utf-8")) == gold]  (UTF-8 bytes)
+acc_norm and acc_bytes differ only for choices with non-ASCII text ("è" is one character, two
+bytes). The paper's arc_it and hellaswag_it figures are acc_norm (shared/RECIPE.md).
 Over n questions each metric is a mean; its stderr is the harness's `mean_stderr`: the sample
 standard deviation (n − 1 in the denominator) over √n, null for n < 2.
 
@@ -67,7 +68,7 @@ from anita.jsonl import parse_object
 
 FEWSHOT_DELIMITER = "\n\n"
 DEFAULT_SEED = 1234  # lm-evaluation-harness's default few-shot seed
-METRICS = ("acc", "acc_norm", "acc_norm_chars")
+METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,10 @@ def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: 
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if prefix is None:
             raise AnitaError("empty context: the tokenizer has neither a BOS nor an EOS token to stand for it")
-        return [prefix], tokenizer.encode(continuation, add_special_tokens=False)
+        continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
+        if continuation_ids[:1] == [prefix]:  # the continuation brings its own BOS: it is the context
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix], continuation_ids
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -186,13 +190,13 @@ def question_requests(tokenizer, context: str, q: Question, max_len: int, add_sp
 
 # --------------------------------------------------------------------------------- metrics
 def question_metrics(loglikelihoods: list[float], q: Question) -> dict[str, float]:
-    """acc, acc_norm (per UTF-8 byte) and acc_norm_chars (per character) of one question."""
+    """acc, acc_norm (per character) and acc_bytes (per UTF-8 byte) of one question."""
     ll = np.asarray(loglikelihoods, dtype=np.float64)  # (choices,)
-    n_bytes = np.array([len(c.encode("utf-8")) for c in q.choices], dtype=np.float64)
     n_chars = np.array([len(c) for c in q.choices], dtype=np.float64)
+    n_bytes = np.array([len(c.encode("utf-8")) for c in q.choices], dtype=np.float64)
     return {"acc": float(np.argmax(ll) == q.gold),
-            "acc_norm": float(np.argmax(ll / n_bytes) == q.gold),
-            "acc_norm_chars": float(np.argmax(ll / n_chars) == q.gold)}
+            "acc_norm": float(np.argmax(ll / n_chars) == q.gold),
+            "acc_bytes": float(np.argmax(ll / n_bytes) == q.gold)}
 
 
 def mean_stderr(values: list[float]) -> float | None:
@@ -222,15 +226,15 @@ def choice_loglikelihoods(model, tokenizer, questions: list[Question], contexts:
     max_len = model.config.max_position_embeddings
     out = []
     for q, context in tqdm(list(zip(questions, contexts, strict=True)), desc="questions", disable=not progress):
-        out.append(score_requests(model, question_requests(tokenizer, context, q, max_len, add_special_tokens),
-                                  batch_size))
+        requests = question_requests(tokenizer, context, q, max_len, add_special_tokens)
+        out.append([score.logprob for score in score_requests(model, requests, batch_size)])
     return out
 
 
 def evaluate_mc(model, tokenizer, questions: list[Question], num_fewshot: int = 0,
                 fewshot_pool: list[Question] | None = None, seed: int = DEFAULT_SEED, limit: int | None = None,
                 batch_size: int = 8, add_special_tokens: bool = False, progress: bool = False) -> dict:
-    """acc, acc_norm, acc_norm_chars, their stderrs and n over the first `limit` questions.
+    """acc, acc_norm, acc_bytes, their stderrs and n over the first `limit` questions.
 
     Few-shot contexts are drawn for the questions in file order before the limit is applied, so
     the first N questions get the examples they get in a full run (as in the harness).

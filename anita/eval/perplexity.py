@@ -5,15 +5,24 @@ the vocabulary has none), as lm-evaluation-harness's `loglikelihood_rolling` doe
 token is scored too. A document longer than the window is read in windows of `window` tokens that
 start `stride` tokens apart (Hugging Face's "Perplexity of fixed-length models" guide); each window
 scores only the tokens no earlier window scored, so every prediction after the first window sees
-at least window − stride tokens of context.
+at least window − stride tokens of context. The model reads all of a window but its last token
+(whose prediction nobody scores).
+
+With `full_last`, the last window is slid back to end at the document's end and hold `window`
+tokens, so its predictions see as much context as the model allows. lm-evaluation-harness's
+rolling windows (`utils.get_rolling_token_windows` with context_len 1, then
+`make_disjoint_window`) are exactly these windows with window = max_length + 1 (the model reads
+max_length tokens), stride = max_length and `full_last` (`harness_windows`).
+
+A window is scored as a (context, continuation) pair — the tokens before its first scored one,
+and the scored ones — through `anita.eval.scoring.score_requests`, the path multiple choice and
+the harness model use, batched across windows and documents.
 
     perplexity    = exp(Σ NLL / Σ tokens)          over all documents: token-weighted, not a mean
                                                    of per-document perplexities
     bits_per_byte = Σ NLL / (ln 2 · Σ UTF-8 bytes)  (the harness's tokenizer-independent figure)
 
 Input: a text file is one document; a `.jsonl` file has one `{"text": str}` document per line.
-
-Shapes: T window length, D model dim, V vocab.
 """
 
 from __future__ import annotations
@@ -21,13 +30,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from anita.errors import AnitaError
-from anita.eval.scoring import continuation_logps
+from anita.eval.scoring import score_requests
 from anita.jsonl import parse_object
-from anita.model.logprobs import IGNORE_INDEX
-from anita.runtime import eval_mode
 
 
 def read_texts(path) -> list[str]:
@@ -55,28 +60,40 @@ def read_texts(path) -> list[str]:
     return texts
 
 
-def windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first) per window over `length` tokens: the model reads tokens [begin, end) and
-    scores tokens [first, end); token 0 (the BOS prefix) is never scored."""
+def windows(length: int, window: int, stride: int, full_last: bool = False) -> list[tuple[int, int, int]]:
+    """(begin, end, first) per window over `length` tokens: the window holds tokens [begin, end)
+    and scores tokens [first, end); token 0 (the BOS prefix) is never scored."""
     spans, first, begin = [], 1, 0
     while first < length:
         end = min(begin + window, length)
-        spans.append((begin, end, first))
+        spans.append((max(0, end - window) if full_last else begin, end, first))
         first, begin = end, begin + stride
     return spans
 
 
-@torch.no_grad()
-def document_nll(model, ids: list[int], window: int, stride: int) -> float:
-    """Σ −log p(ids[t] | ids[<t]) for t ≥ 1, window by window."""
-    total = 0.0
-    for begin, end, first in windows(len(ids), window, stride):
-        inputs = torch.tensor([ids[begin:end]], device=model.device)  # (1, T)
-        targets = torch.full_like(inputs, IGNORE_INDEX)  # position t predicts token begin + t + 1
-        targets[0, first - begin - 1:end - begin - 1] = inputs[0, first - begin:]
-        hidden = model.hidden_states(inputs)  # (1, T, D)
-        total -= continuation_logps(model, hidden, targets).sum().item()
-    return total
+def harness_windows(length: int, max_length: int) -> list[tuple[int, int, int]]:
+    """The harness's rolling windows for a model of `max_length` tokens (module docstring)."""
+    return windows(length, max_length + 1, max_length, full_last=True)
+
+
+def window_requests(ids: list[int], spans) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of each window: the tokens it reads before its first scored
+    one, and the scored ones."""
+    return [(ids[begin:first], ids[first:end]) for begin, end, first in spans]
+
+
+def rolling_nlls(model, documents: list[list[int]], spans_of, batch_size: int = 1) -> list[float]:
+    """Σ −log p(ids[t] | ids[<t]) for t ≥ 1 of each document (ids, BOS first), its windows given by
+    `spans_of(len(ids))`, all windows of all documents scored `batch_size` at a time."""
+    requests, owner = [], []
+    for d, ids in enumerate(documents):
+        for request in window_requests(ids, spans_of(len(ids))):
+            requests.append(request)
+            owner.append(d)
+    nlls = [0.0] * len(documents)
+    for d, score in zip(owner, score_requests(model, requests, batch_size)):
+        nlls[d] -= score.logprob
+    return nlls
 
 
 def check_window(model, window: int | None, stride: int | None) -> tuple[int, int]:
@@ -92,20 +109,18 @@ def check_window(model, window: int | None, stride: int | None) -> tuple[int, in
 
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], window: int | None = None,
-                        stride: int | None = None) -> dict:
-    """perplexity, nll_per_token, bits_per_byte, tokens, bytes and documents over `texts`."""
+                        stride: int | None = None, batch_size: int = 1) -> dict:
+    """perplexity, nll_per_token, bits_per_byte, tokens, bytes and documents over `texts`;
+    `batch_size` windows per forward pass."""
     window, stride = check_window(model, window, stride)
     prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     if prefix is None:
         raise AnitaError("perplexity: the tokenizer has neither a BOS nor an EOS token to start a document with")
-    nll, tokens = 0.0, 0
-    with eval_mode(model):
-        for text in texts:
-            ids = [prefix] + tokenizer.encode(text, add_special_tokens=False)
-            nll += document_nll(model, ids, window, stride)
-            tokens += len(ids) - 1
+    documents = [[prefix] + tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    tokens = sum(len(ids) - 1 for ids in documents)
     if tokens == 0:
         raise AnitaError("perplexity: the text has no tokens to score")
+    nll = sum(rolling_nlls(model, documents, lambda n: windows(n, window, stride), batch_size))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"perplexity": math.exp(nll / tokens), "nll_per_token": nll / tokens,
             "bits_per_byte": nll / (math.log(2) * n_bytes), "tokens": tokens, "bytes": n_bytes,

@@ -15,6 +15,9 @@
   loader reads it (never anita's conversion).
 
 The saved fixture keeps all of it checked where lm-eval and transformers are absent.
+
+`python tests/eval/make_fixtures.py harness` (re)writes only tests/eval/fixtures/harness_hf.json:
+the local harness tasks run by lm-eval's own `hf` model (`harness_oracle.hf_fixture`).
 """
 
 import json
@@ -132,7 +135,14 @@ def sample_contexts(model: str, contexts: list[str] | None = None):
 
 
 def main():
+    from tests.eval.harness_oracle import FIXTURE as HARNESS_FIXTURE
+    from tests.eval.harness_oracle import hf_fixture
     from tests.eval.tiny import save_tiny
+
+    with tempfile.TemporaryDirectory() as d:
+        HARNESS_FIXTURE.write_text(json.dumps(hf_fixture(d), indent=1, ensure_ascii=False) + "\n")
+    if sys.argv[1:] == ["harness"]:
+        return
 
     fewshot = {name: {**setting, "contexts": harness_contexts(**setting)} for name, setting in FEWSHOT.items()}
     contexts = {name: saved["contexts"] for name, saved in fewshot.items()}

@@ -66,22 +66,23 @@ def test_empty_context_is_bos():
 # ---------------------------------------------------------------------------------- scores
 def test_uniform_model_hand_derived_scores():
     """With the output head zeroed every token has log p = −ln V. " casa" is 2 tokens and 5 bytes,
-    "z" 1 token and 1 byte: sums −2 ln V and −ln V, so acc picks "z" (wrong), while per byte
-    −0.4 ln V beats −ln V and acc_norm picks " casa" (right)."""
+    "z" 1 token and 1 byte: sums −2 ln V and −ln V, so acc picks "z" (wrong), while per character
+    (= per byte here) −0.4 ln V beats −ln V and acc_norm and acc_bytes pick " casa" (right)."""
     model, tok = tiny_mc_model(), tiny_tokenizer()
     with torch.no_grad():
         model.lm_head.weight.zero_()
     q = Question("Q:", (" casa", "z"), 0)
     [lls] = choice_loglikelihoods(model, tok, [q], [q.context])
     assert lls == pytest.approx([-2 * math.log(VOCAB_SIZE), -math.log(VOCAB_SIZE)], abs=1e-4)
-    assert question_metrics(lls, q) == {"acc": 0.0, "acc_norm": 1.0, "acc_norm_chars": 1.0}
+    assert question_metrics(lls, q) == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
 
 
 def test_byte_and_character_normalisation_disagree_on_accents():
     """" è" is 2 characters but 3 UTF-8 bytes, " ab" 3 of each. lls −1.0 and −1.4: per byte
-    −0.333 > −0.467 (choice 0), per character −0.5 < −0.467 (choice 1); raw sums pick 0."""
+    −0.333 > −0.467 (choice 0), per character −0.5 < −0.467 (choice 1); raw sums pick 0. The
+    harness's names: acc_norm is per character (right here), acc_bytes per byte (wrong)."""
     q = Question("x", (" è", " ab"), 1)
-    assert question_metrics([-1.0, -1.4], q) == {"acc": 0.0, "acc_norm": 0.0, "acc_norm_chars": 1.0}
+    assert question_metrics([-1.0, -1.4], q) == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 0.0}
 
 
 def test_ties_go_to_the_first_choice():
@@ -128,7 +129,7 @@ def test_mean_stderr_by_hand():
     """[1, 0, 1, 1]: mean 0.75, sample std √((3·0.25² + 0.75²)/3) = 0.5, stderr 0.5/√4 = 0.25."""
     assert mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(0.25)
     assert mean_stderr([1.0]) is None
-    out = aggregate([{"acc": a, "acc_norm": 1.0, "acc_norm_chars": 0.0} for a in (1.0, 0.0, 1.0, 1.0)])
+    out = aggregate([{"acc": a, "acc_norm": 1.0, "acc_bytes": 0.0} for a in (1.0, 0.0, 1.0, 1.0)])
     assert out["acc"] == 0.75 and out["acc_stderr"] == pytest.approx(0.25)
     assert out["acc_norm_stderr"] == 0.0 and out["n"] == 4
 
@@ -221,3 +222,20 @@ def test_choice_that_adds_no_token_is_an_error():
     q = Question("s", ("a", " casa"), 0, where="t.jsonl:4")
     with pytest.raises(AnitaError, match="t.jsonl:4: choice 0 'a' adds no token"):
         choice_loglikelihoods(model, tok, [q], [q.context])
+
+
+def test_padded_pairs_equal_the_shared_context_path():
+    """scoring.py's two paths give the same log-likelihoods and is_greedy flags: each pair as a row
+    of a right-padded batch, and the pairs of one context against its KV cache."""
+    from anita.eval.scoring import score_continuations, score_pairs
+
+    model, tok = tiny_mc_model(), tiny_tokenizer()
+    context = tok.encode("Domanda: la casa è", add_special_tokens=False)
+    continuations = [tok.encode(c, add_special_tokens=False) for c in (" rossa e grande.", " sa", " casa casa")]
+    plain = score_pairs(model, [(context, c) for c in continuations], greedy=True)
+    shared = score_continuations(model, context, continuations, batch_size=2, greedy=True)
+    for p, s in zip(plain, shared):
+        assert p.logprob == pytest.approx(s.logprob, abs=1e-5) and p.greedy == s.greedy
+    greedy = [int(model(torch.tensor([context])).argmax(-1)[0, -1])]  # the model's own next token
+    [hit] = score_pairs(model, [(context, greedy)], greedy=True)
+    assert hit.greedy is True and not all(s.greedy for s in plain)

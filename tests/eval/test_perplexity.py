@@ -90,3 +90,31 @@ def test_bad_input(tmp_path):
     text = tmp_path / "pagina.txt"
     text.write_text('{"text": "a plain text file is one document"}\n\nsecond line\n')
     assert read_texts(text) == [text.read_text()]
+
+
+def test_harness_windows_by_hand():
+    """max_length 4 over BOS + 10 tokens (11 ids): the harness reads BOS 0 1 2 and predicts tokens
+    0-3 (ids 1-4), then reads 3 4 5 6 predicting ids 5-8, then — sliding back to a full window —
+    5 6 7 8 predicting only ids 9-10 (lm-eval `LM.loglikelihood_rolling`'s docstring example)."""
+    from anita.eval.perplexity import harness_windows, window_requests
+
+    assert harness_windows(11, 4) == [(0, 5, 1), (4, 9, 5), (6, 11, 9)]
+    ids = list(range(100, 111))
+    assert window_requests(ids, harness_windows(11, 4)) == [([100], [101, 102, 103, 104]),
+                                                            ([104], [105, 106, 107, 108]),
+                                                            ([106, 107, 108], [109, 110])]
+
+
+@pytest.mark.parametrize("n_tokens, max_length", [(1, 4), (4, 4), (5, 4), (10, 4), (23, 7), (64, 16)])
+def test_harness_windows_match_lm_eval(n_tokens, max_length):
+    """The same (context, continuation) pairs as lm-eval's get_rolling_token_windows +
+    make_disjoint_window (context_len 1), read by the model as (context + continuation)[:-1]."""
+    utils = pytest.importorskip("lm_eval.utils")
+    from anita.eval.perplexity import harness_windows, window_requests
+
+    tokens = list(range(1000, 1000 + n_tokens))
+    want = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+        token_list=tokens, prefix_token=7, max_seq_len=max_length, context_len=1)]
+    got = window_requests([7] + tokens, harness_windows(n_tokens + 1, max_length))
+    assert [(list(c), list(t)) for c, t in want] == got
+    assert all(len(c) + len(t) - 1 <= max_length for c, t in got)

@@ -30,7 +30,7 @@ def plain_scores(model, context, continuations) -> list[float]:
 
 def test_shared_context_equals_one_forward_per_continuation():
     model = tiny_mc_model()
-    ours = score_continuations(model, CONTEXT, CONTINUATIONS, batch_size=2)
+    ours = [s.logprob for s in score_continuations(model, CONTEXT, CONTINUATIONS, batch_size=2)]
     for a, b in zip(ours, plain_scores(model, CONTEXT, CONTINUATIONS)):
         assert abs(a - b) < 1e-5
 
@@ -45,7 +45,7 @@ def test_lora_on_the_output_head_is_scored_through_its_merged_weight():
             layer.lora_B.weight.normal_(std=0.3)
     model.eval()
     merged = merge_lora(copy.deepcopy(model))
-    ours = score_continuations(model, CONTEXT, CONTINUATIONS)
+    ours = [s.logprob for s in score_continuations(model, CONTEXT, CONTINUATIONS)]
     want = plain_scores(merged, CONTEXT, CONTINUATIONS)
     assert max(abs(a - b) for a, b in zip(ours, want)) < 1e-4
     assert max(abs(a - b) for a, b in zip(ours, plain_scores(tiny_mc_model(), CONTEXT, CONTINUATIONS))) > 1e-2
@@ -57,7 +57,7 @@ def test_bf16_model_head_and_log_softmax_run_in_fp32():
     the fp32 model's (measured: 6e-4 per token on this model)."""
     fp32 = tiny_mc_model()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    ours = score_continuations(bf16, CONTEXT, CONTINUATIONS)
+    ours = [s.logprob for s in score_continuations(bf16, CONTEXT, CONTINUATIONS)]
     for a, b in zip(ours, plain_scores(bf16, CONTEXT, CONTINUATIONS)):
         assert abs(a - b) < 1e-4
     for a, b, cont in zip(ours, plain_scores(fp32, CONTEXT, CONTINUATIONS), CONTINUATIONS):
