@@ -13,8 +13,8 @@ numbers (anita.eval.suite), printed as a table.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 from pathlib import Path
 
@@ -40,7 +40,7 @@ TASK_DEFAULTS = {"num_fewshot": 0, "batch_size": 8, "seed": 1234}
 def run_mc(args, model, tokenizer, questions, pool) -> dict:
     return evaluate_mc(model, tokenizer, questions, num_fewshot=args.num_fewshot or 0, fewshot_pool=pool,
                        seed=args.seed, limit=args.limit, batch_size=args.batch_size,
-                       add_special_tokens=args.add_bos, progress=sys.stderr.isatty())
+                       add_special_tokens=args.add_bos, progress=args.progress)
 
 
 def check_flags(args) -> None:
@@ -131,7 +131,8 @@ def run_eval(args) -> int:
     if args.task:
         result = run_mc(args, model, tokenizer, questions, pool)
     else:
-        result = evaluate_perplexity(model, tokenizer, texts, window=args.window, stride=args.stride)
+        result = evaluate_perplexity(model, tokenizer, texts, window=args.window, stride=args.stride,
+                                     progress=args.progress)
     print(json.dumps(result, allow_nan=False))
     return 0
 
@@ -152,6 +153,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="choices scored per forward pass (default 8)")
     p.add_argument("--limit", type=int, help="score only the first N questions (default: all)")
     p.add_argument("--seed", type=int, help="few-shot sampling seed (default 1234, the harness's)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar on stderr, as training does (default: on)")
     p.add_argument("--add-bos", action="store_true",
                    help="tokenize with the tokenizer's special tokens (BOS for Llama 3), as lm-eval-harness "
                         "with add_bos_token=True; default off, as the harness up to v0.4.9")

@@ -1,7 +1,7 @@
 """anita as an lm-evaluation-harness model: `AnitaLM`, registered under the name "anita".
 
 lm-evaluation-harness (EleutherAI, Gao et al. 2023) produced ANITA's published numbers
-(shared/RECIPE.md). `AnitaLM` lets a harness task run on an anita model — an NF4 base with a LoRA
+(docs/recipe.md). `AnitaLM` lets a harness task run on an anita model — an NF4 base with a LoRA
 adapter, say — without merging it or switching to transformers, and gives the numbers the harness's
 own `hf` model (`lm_eval/models/huggingface.py`, `HFLM`) gives on the same checkpoint:
 

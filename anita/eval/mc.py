@@ -1,5 +1,5 @@
 """Multiple-choice evaluation scored exactly as EleutherAI's lm-evaluation-harness scores
-log-likelihood tasks (arc, hellaswag, mmlu and their Italian versions in shared/RECIPE.md).
+log-likelihood tasks (arc, hellaswag, mmlu and their Italian versions in docs/recipe.md).
 
 References (lm-evaluation-harness v0.4): `lm_eval/api/model.py` (`TemplateLM._encode_pair`,
 `loglikelihood`), `lm_eval/models/huggingface.py` (`HFLM.tok_encode`, `_loglikelihood_tokens`),
@@ -34,7 +34,7 @@ them (`ConfigurableTask.process_results`, multiple_choice):
   acc_norm  = [argmax_i ll_i / len(choice_i) == gold]                 (characters)
   acc_bytes = [argmax_i ll_i / len(choice_i.encode("utf-8")) == gold]  (UTF-8 bytes)
 acc_norm and acc_bytes differ only for choices with non-ASCII text ("è" is one character, two
-bytes). The paper's arc_it and hellaswag_it figures are acc_norm (shared/RECIPE.md).
+bytes). The paper's arc_it and hellaswag_it figures are acc_norm (docs/recipe.md).
 Over n questions each metric is a mean; its stderr is the harness's `mean_stderr`: the sample
 standard deviation (n − 1 in the denominator) over √n, null for n < 2.
 

@@ -82,7 +82,8 @@ def window_requests(ids: list[int], spans) -> list[tuple[list[int], list[int]]]:
     return [(ids[begin:first], ids[first:end]) for begin, end, first in spans]
 
 
-def rolling_nlls(model, documents: list[list[int]], spans_of, batch_size: int = 1) -> list[float]:
+def rolling_nlls(model, documents: list[list[int]], spans_of, batch_size: int = 1,
+                 progress: bool = False) -> list[float]:
     """Σ −log p(ids[t] | ids[<t]) for t ≥ 1 of each document (ids, BOS first), its windows given by
     `spans_of(len(ids))`, all windows of all documents scored `batch_size` at a time."""
     requests, owner = [], []
@@ -91,7 +92,7 @@ def rolling_nlls(model, documents: list[list[int]], spans_of, batch_size: int = 
             requests.append(request)
             owner.append(d)
     nlls = [0.0] * len(documents)
-    for d, score in zip(owner, score_requests(model, requests, batch_size)):
+    for d, score in zip(owner, score_requests(model, requests, batch_size, progress=progress)):
         nlls[d] -= score.logprob
     return nlls
 
@@ -109,9 +110,9 @@ def check_window(model, window: int | None, stride: int | None) -> tuple[int, in
 
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], window: int | None = None,
-                        stride: int | None = None, batch_size: int = 1) -> dict:
+                        stride: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
     """perplexity, nll_per_token, bits_per_byte, tokens, bytes and documents over `texts`;
-    `batch_size` windows per forward pass."""
+    `batch_size` windows per forward pass; `progress` shows a bar of windows."""
     window, stride = check_window(model, window, stride)
     prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     if prefix is None:
@@ -120,7 +121,7 @@ def evaluate_perplexity(model, tokenizer, texts: list[str], window: int | None =
     tokens = sum(len(ids) - 1 for ids in documents)
     if tokens == 0:
         raise AnitaError("perplexity: the text has no tokens to score")
-    nll = sum(rolling_nlls(model, documents, lambda n: windows(n, window, stride), batch_size))
+    nll = sum(rolling_nlls(model, documents, lambda n: windows(n, window, stride), batch_size, progress))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"perplexity": math.exp(nll / tokens), "nll_per_token": nll / tokens,
             "bits_per_byte": nll / (math.log(2) * n_bytes), "tokens": tokens, "bytes": n_bytes,

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from anita.lora import LoraLinear
 from anita.model.llama import KVCache
@@ -145,20 +146,24 @@ def group_by_context(requests) -> tuple[dict[tuple, list[int]], list[int]]:
 
 
 def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                   greedy: bool = False) -> list[Score]:
+                   greedy: bool = False, progress: bool = False) -> list[Score]:
     """A `Score` per (context ids, continuation ids) request, in order. Requests that share a
     context share its forward pass; the others run `batch_size` at a time, longest first (as the
-    harness sorts them, so a batch holds similar lengths)."""
+    harness sorts them, so a batch holds similar lengths). `progress` shows a bar of requests."""
     out: list[Score | None] = [None] * len(requests)
     shared, alone = group_by_context(requests)
+    bar = tqdm(total=len(requests), desc="scoring", unit="request", disable=not progress, dynamic_ncols=True)
     with eval_mode(model):
         for context, idx in shared.items():
             for i, s in zip(idx, score_continuations(model, list(context), [requests[i][1] for i in idx],
                                                      batch_size, greedy)):
                 out[i] = s
+            bar.update(len(idx))
         alone.sort(key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
         for start in range(0, len(alone), batch_size):
             idx = alone[start:start + batch_size]
             for i, s in zip(idx, score_pairs(model, [requests[i] for i in idx], greedy)):
                 out[i] = s
+            bar.update(len(idx))
+    bar.close()
     return out

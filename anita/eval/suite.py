@@ -2,7 +2,7 @@
 behind LLaMAntino-3-ANITA's published numbers, and one table with a model's scores beside them.
 
 Source: Polignano, Basile, Semeraro, arXiv 2405.07101 (2024), evaluation with lm-evaluation-harness
-(shared/RECIPE.md): arc_it 0-shot acc_norm, hellaswag_it 0-shot acc_norm, m_mmlu_it 5-shot acc; the
+(docs/recipe.md): arc_it 0-shot acc_norm, hellaswag_it 0-shot acc_norm, m_mmlu_it 5-shot acc; the
 task names are lm-eval's own (`lm_eval/tasks/okapi/`). acc_norm divides each choice's
 log-likelihood by its length in characters (lm-eval `api/task.py`).
 """

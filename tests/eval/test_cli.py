@@ -30,7 +30,8 @@ def run(capsys, *argv):
 def test_task_prints_the_metrics_as_json(tiny_dir, capsys):
     code, out, err = run(capsys, "--model", str(tiny_dir), "--task", str(SAMPLE), "--num-fewshot", "2",
                          "--batch-size", "2", "--limit", "4", "--seed", "5")
-    assert code == 0 and err == ""
+    assert code == 0 and "questions: 100%" in err  # the progress bar, on stderr; stdout is the JSON alone
+    assert run(capsys, "--model", str(tiny_dir), "--task", str(SAMPLE), "--limit", "1", "--no-progress")[2] == ""
     result = json.loads(out)
     want = evaluate_mc(from_pretrained(tiny_dir), Tokenizer.from_pretrained(tiny_dir), read_questions(SAMPLE),
                        num_fewshot=2, seed=5, limit=4)
