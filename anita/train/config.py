@@ -64,8 +64,8 @@ class TrainConfig:
     lora_dropout: float = flag(0.0, "dropout on the LoRA input of a fresh adapter")
     rslora: bool = flag(False, "rank-stabilised LoRA scale alpha/sqrt(r) for a fresh adapter")
     targets: list[str] = flag(list(PROJECTIONS), "comma-separated module names a fresh adapter adapts, or all-linear")
-    precision: str = flag("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; not in the recipe's defaults "
-                                "here because CPUs without bf16 units are slow at it)", choices=list(PRECISIONS))
+    precision: str = flag("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; many CPUs are slow at bf16)",
+                          choices=list(PRECISIONS))
     gradient_checkpointing: bool = flag(True, "recompute each block's activations in the backward pass")
     device: str = flag("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
     # ------------------------------------------------------------------------------- data
