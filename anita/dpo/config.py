@@ -1,4 +1,5 @@
-"""`DPOConfig`: the training loop's `TrainConfig` plus the DPO knobs, with the recipe's DPO defaults.
+"""`DPOConfig`: the training loop's `TrainConfig` plus the DPO knobs (and those of ORPO, SimPO and KTO),
+with the recipe's DPO defaults.
 
 Every field is a flag of `anita dpo` and a key of its `--config` file (TOML or YAML); the defaults
 of the shared fields are the DPO column of shared/RECIPE.md (the authors' TRL DPOTrainer script).
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anita.dpo.loss import DISCOPOP_TAU, LOSS_TYPES, check_loss_args
+import re
+
+from anita.dpo.beyond_dpo import ALL_LOSS_TYPES, REFERENCE_FREE, SIMPO_GAMMA, check_preference_args
+from anita.dpo.loss import DISCOPOP_TAU
 from anita.errors import AnitaError
 from anita.train.config import TrainConfig, flag
 
@@ -19,7 +23,7 @@ REFERENCES = ("auto", "adapters-off", "adapter", "precomputed", "none")
 class DPOConfig(TrainConfig):
     # ---------------------------------------------- the loop's fields, with the recipe's DPO defaults
     data: str | None = flag(None, "preference JSONL: {'prompt', 'chosen', 'rejected'}, strings or message lists "
-                                "(required)")
+                                "(required); for --loss kto also unpaired {'prompt', 'completion', 'label'}")
     eval_data: str | None = flag(None, "held-out preference JSONL; its loss and reward accuracy/margins are logged")
     lora_r: int = flag(64, "LoRA rank r of a fresh adapter (with --adapter, the adapter's own is used)")
     lora_alpha: float = flag(16.0, "LoRA alpha of a fresh adapter (scale alpha/sqrt(r) with --rslora)")
@@ -35,15 +39,22 @@ class DPOConfig(TrainConfig):
     # ---------------------------------------------------------------------------- DPO's own
     adapter: str | None = flag(None, "SFT adapter (PEFT format) to continue from; then it is also the reference")
     beta: float = flag(0.1, "DPO beta: how tightly the policy is tied to the reference")
-    loss: str = flag("sigmoid", "preference loss type (TRL's names)", choices=list(LOSS_TYPES))
-    label_smoothing: float = flag(0.0, "label smoothing for sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired")
+    loss: str = flag("sigmoid", "preference loss type (TRL's names): DPO's variants, or orpo, simpo (no "
+                                "reference model) and kto (unpaired data)", choices=list(ALL_LOSS_TYPES))
+    label_smoothing: float = flag(0.0, "label smoothing for sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired, "
+                                       "simpo")
     discopop_tau: float = flag(DISCOPOP_TAU, "temperature tau of the discopop loss")
+    simpo_gamma: float = flag(SIMPO_GAMMA, "target reward margin gamma of the simpo loss")
+    desirable_weight: float = flag(1.0, "kto: weight lambda_D of the desirable examples' losses")
+    undesirable_weight: float = flag(1.0, "kto: weight lambda_U of the undesirable examples' losses")
     reference: str = flag("auto", "the reference model: adapters-off (the base), adapter (the frozen --adapter), "
                                 "precomputed (either, computed once and cached), none (reference-free); "
-                                "auto = adapter with --adapter, else adapters-off", choices=list(REFERENCES))
+                                "auto = adapter with --adapter, else adapters-off (none for orpo and simpo)",
+                        choices=list(REFERENCES))
     reference_cache: str | None = flag(None, "directory of precomputed reference log-probs "
                                            "(default: $ANITA_CACHE/dpo-reference)")
-    rpo_alpha: float | None = flag(None, "weight of the chosen answers' NLL added to the loss (RPO); none by default")
+    rpo_alpha: float | None = flag(None, "weight of the chosen answers' NLL added to the loss (RPO; for orpo its "
+                                         "L_SFT term, 1 by default); none by default")
     max_prompt_length: int | None = flag(512, "prompt tokens kept (from its start) when prompt + answer is too long")
 
     def validate(self, source: str = "config", given: set[str] = frozenset()) -> "DPOConfig":
@@ -51,11 +62,14 @@ class DPOConfig(TrainConfig):
         if self.packing:
             raise AnitaError(f"{source}: 'packing' is not supported by DPO (each pair is one row)")
         try:
-            check_loss_args(self.loss, self.beta, self.label_smoothing, self.discopop_tau)
+            check_preference_args(self.loss, self.beta, label_smoothing=self.label_smoothing,
+                                  discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma,
+                                  desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
         except AnitaError as e:
-            raise AnitaError(f"{source}: {str(e).removeprefix('dpo_loss: ')}") from None
+            raise AnitaError(f"{source}: {re.sub(r'^[a-z]+_loss: ', '', str(e))}") from None
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise AnitaError(f"{source}: 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
+        self._validate_beyond_dpo(source)
         if self.reference == "adapters-off" and self.adapter:
             raise AnitaError(f"{source}: --reference adapters-off with --adapter would score the policy against "
                              "the bare base, not the SFT model it starts from; use --reference adapter")
@@ -66,8 +80,28 @@ class DPOConfig(TrainConfig):
                              f"got {self.max_prompt_length}")
         return self
 
+    def _validate_beyond_dpo(self, source: str) -> None:
+        """ORPO and SimPO take no reference; KTO needs one computed live, mismatched pairs and no RPO term."""
+        if self.loss in REFERENCE_FREE and self.reference not in ("auto", "none"):
+            raise AnitaError(f"{source}: --loss {self.loss} uses no reference model; drop --reference {self.reference}")
+        if self.loss != "kto":
+            return
+        if self.reference == "none":
+            raise AnitaError(f"{source}: --loss kto needs a reference model (its rewards are log-ratios); "
+                             "use --reference auto, adapters-off or adapter")
+        if self.reference == "precomputed":
+            raise AnitaError(f"{source}: --loss kto cannot use --reference precomputed: its mismatched pairs are "
+                             "formed within each shuffled micro-batch (anita/dpo/unpaired.py)")
+        if self.rpo_alpha is not None:
+            raise AnitaError(f"{source}: 'rpo_alpha' (an NLL of the chosen answers) does not apply to --loss kto")
+        if self.batch_size < 2:
+            raise AnitaError(f"{source}: --loss kto needs batch_size >= 2 to form mismatched pairs (TRL's rule), "
+                             f"got {self.batch_size}")
+
     def reference_kind(self) -> str:
-        """The reference actually used: 'auto' resolved."""
+        """The reference actually used: 'auto' resolved (none for the reference-free ORPO and SimPO)."""
         if self.reference != "auto":
             return self.reference
+        if self.loss in REFERENCE_FREE:
+            return "none"
         return "adapter" if self.adapter else "adapters-off"

@@ -1,6 +1,7 @@
 """`run_dpo`: preference optimization (RECIPE.md stage 2) of a LoRA adapter on the shared loop,
-from a `DPOConfig`: read the preference data, load the base (+NF4) with a fresh or the SFT adapter,
-build the reference, and run `anita.train.loop.train` with the DPO objective. Under torchrun
+from a `DPOConfig`: read the preference data (unpaired examples for KTO), load the base (+NF4) with a
+fresh or the SFT adapter, build the reference (none for ORPO and SimPO), and run
+`anita.train.loop.train` with the DPO objective. Under torchrun
 each process runs this same function.
 
 The output directory is the loop's (adapter/, checkpoints/, metrics.jsonl, training_curves.png)
@@ -27,6 +28,7 @@ from anita.dpo.reference import (
     precompute_reference,
 )
 from anita.dpo.trainer import DPOObjective, DPOSettings, plot_preference_metrics
+from anita.dpo.unpaired import UnpairedBatches, read_unpaired
 from anita.model import Tokenizer
 from anita.train.checkpoint import prepare_run_dir
 from anita.train.distributed import init_distributed, shutdown
@@ -38,7 +40,9 @@ DPO_PLOT_FILE = "dpo_curves.png"
 
 def dpo_settings(cfg: DPOConfig) -> DPOSettings:
     return DPOSettings(beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                       discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, chunk_size=cfg.chunk_size)
+                       discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, chunk_size=cfg.chunk_size,
+                       simpo_gamma=cfg.simpo_gamma, desirable_weight=cfg.desirable_weight,
+                       undesirable_weight=cfg.undesirable_weight)
 
 
 def build_reference(model, cfg: DPOConfig):
@@ -74,23 +78,36 @@ def precomputed_tables(model, cfg: DPOConfig, datasets: list, info) -> list:
     return tables
 
 
+def read_datasets(cfg: DPOConfig, tokenizer) -> list:
+    """The training (and held-out) data: preference pairs, or for KTO unpaired examples."""
+    read = read_unpaired if cfg.loss == "kto" else read_preferences
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
+    return [read(path, tokenizer, **kw) for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])]
+
+
+def make_batches(cfg: DPOConfig, data, pad_id: int, train: bool):
+    """Micro-batches of one data set; the held-out set in file order, except KTO's: unpaired from
+    pairs it lists every desirable example first, so it is shuffled (with the run's fixed seed) to
+    give each batch both kinds and mismatched pairs from both."""
+    if cfg.loss == "kto":
+        return UnpairedBatches(data, cfg.batch_size, pad_id, cfg.max_length, seed=cfg.seed, shuffle=True)
+    return PreferenceBatches(data, cfg.batch_size, pad_id, seed=cfg.seed, shuffle=train)
+
+
 def run_dpo(cfg: DPOConfig) -> list[dict]:
     """Train and return the metrics records; the run directory is `cfg.output`."""
     cfg.validate()
     info = init_distributed(cfg.device)
     try:
         tokenizer = Tokenizer.from_pretrained(cfg.model)
-        read = lambda path: read_preferences(path, tokenizer, max_length=cfg.max_length,  # noqa: E731
-                                             max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
-        datasets = [read(cfg.data)] + ([read(cfg.eval_data)] if cfg.eval_data else [])
+        datasets = read_datasets(cfg, tokenizer)
         if info.is_main:
             print("\n".join(d.summary() for d in datasets), flush=True)
         out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after the data proved readable
         model, report = load_trainable_model(cfg, info, adapter=cfg.adapter)
         if info.is_main:
             print(report, flush=True)
-        batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0)
-                   for i, d in enumerate(datasets)]
+        batches = [make_batches(cfg, d, tokenizer.pad_id, train=i == 0) for i, d in enumerate(datasets)]
         if cfg.reference_kind() == "precomputed":
             tables = precomputed_tables(model, cfg, list(zip(datasets, batches)), info)
             batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0,
