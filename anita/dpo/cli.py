@@ -22,7 +22,7 @@ SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins", "log_odds_chosen", "kl"
 def summary_lines(records: list[dict]) -> list[str]:
     """The end-of-run lines: last training step, and the held-out metrics first -> last."""
     lines = []
-    train = [r for r in records if "rewards/chosen" in r]
+    train = [r for r in records if "loss" in r]
     if train:
         last = train[-1]
         shown = ", ".join(f"{k} {last[k]:.4f}" for k in SUMMARY_KEYS if k in last)

@@ -187,7 +187,8 @@ class UnpairedBatches(EpochBatches):
     def group(self, order: list[int]) -> list[list[int]]:
         groups = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if len(groups) > 1 and len(groups[-1]) == 1:
-            groups[-2] += groups.pop()
+            last = groups.pop()
+            groups[-1] = groups[-1] + last
         return groups
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
