@@ -135,11 +135,12 @@ def test_function_level_imports_are_for_optional_dependencies_only(name):
 
 
 def test_the_loss_imports_alone():
-    """`from anita.dpo import dpo_loss` loads the loss, not the training stack."""
-    code = ("import json, sys; from anita.dpo import dpo_loss; "
+    """`from anita.dpo import dpo_loss, orpo_loss, simpo_loss, kto_loss` loads the pure losses, not the training stack."""
+    code = ("import json, sys; from anita.dpo import dpo_loss, orpo_loss, simpo_loss, kto_loss; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('anita'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert json.loads(out.stdout) == ["anita", "anita.dpo", "anita.dpo.loss", "anita.dtypes", "anita.errors"]
+    assert json.loads(out.stdout) == ["anita", "anita.dpo", "anita.dpo.beyond_dpo", "anita.dpo.loss", "anita.dtypes",
+                                      "anita.errors"]
 
 
 def test_the_readme_file_map_lists_every_module_and_nothing_stale():

@@ -36,3 +36,24 @@ def test_dpo_recipe():
 
 def test_italian_adaptation_recipe():
     check("anita_3_italian.toml", TrainConfig, COMMON | {"lr": 2e-5})
+
+
+STAGE_2 = {"qlora": True, "lora_r": 64, "lora_alpha": 16.0, "rslora": True, "batch_size": 8, "grad_accum": 12,
+           "lr": 5e-5, "warmup_ratio": 0.1, "max_length": 1024, "max_prompt_length": 512}
+
+
+def test_orpo_recipe():
+    """ORPO replaces SFT + DPO: on the Instruct model, lambda = 0.1 (paper, TRL), NLL weight 1, no reference."""
+    check("anita_2_orpo.toml", DPOConfig, COMMON | STAGE_2 | {
+        "model": "meta-llama/Meta-Llama-3-8B-Instruct", "loss": "orpo", "beta": 0.1, "rpo_alpha": 1.0})
+    assert "reference" not in read_config_file(RECIPES / "anita_2_orpo.toml", DPOConfig)
+
+
+def test_simpo_recipe():
+    """SimPO's Llama-3-8B-Instruct setting: beta 2.5, gamma = 0.55 beta."""
+    check("anita_2_simpo.toml", DPOConfig, COMMON | STAGE_2 | {"loss": "simpo", "beta": 2.5, "simpo_gamma": 1.375})
+
+
+def test_kto_recipe():
+    check("anita_2_kto.toml", DPOConfig, COMMON | STAGE_2 | {
+        "loss": "kto", "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "reference": "adapters-off"})

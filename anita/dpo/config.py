@@ -1,4 +1,4 @@
-"""`DPOConfig`: the training loop's `TrainConfig` plus the DPO knobs.
+"""`DPOConfig`: the training loop's `TrainConfig` plus the DPO knobs (and those of ORPO, SimPO and KTO).
 
 Every field is a flag of `anita dpo` and a key of its `--config` file (TOML or YAML). The defaults
 are a bare TRL DPOTrainer's (beta 0.1, sigmoid loss, max_length 1024, no prompt limit, no
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anita.dpo.loss import DISCOPOP_TAU, LOSS_TYPES, check_loss_args
+import re
+
+from anita.dpo.beyond_dpo import ALL_LOSS_TYPES, REFERENCE_FREE, SIMPO_GAMMA, check_preference_args
+from anita.dpo.loss import DISCOPOP_TAU
 from anita.errors import AnitaError
 from anita.train.config import TrainConfig, flag
 
@@ -21,7 +24,7 @@ REFERENCES = ("auto", "adapters-off", "adapter", "precomputed", "none")
 class DPOConfig(TrainConfig):
     # ------------------------------------------------------------ the loop's fields, for DPO
     data: str | None = flag(None, "preference JSONL: {'prompt', 'chosen', 'rejected'}, strings or message lists "
-                                  "(required)")
+                                "(required); for --loss kto also unpaired {'prompt', 'completion', 'label'}")
     eval_data: str | None = flag(None, "held-out preference JSONL; its loss and reward accuracy/margins are logged")
     lr: float = flag(5e-5, "peak learning rate (a LoRA rate; TRL's 1e-6 default is for full fine-tuning)")
     batch_size: int = flag(8, "preference pairs per micro-batch (per process)")
@@ -29,15 +32,22 @@ class DPOConfig(TrainConfig):
     # ---------------------------------------------------------------------------- DPO's own
     adapter: str | None = flag(None, "SFT adapter (PEFT format) to continue from; then it is also the reference")
     beta: float = flag(0.1, "DPO beta: how tightly the policy is tied to the reference")
-    loss: str = flag("sigmoid", "preference loss type (TRL's names)", choices=list(LOSS_TYPES))
-    label_smoothing: float = flag(0.0, "label smoothing for sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired")
+    loss: str = flag("sigmoid", "preference loss type (TRL's names): DPO's variants, or orpo, simpo (no "
+                                "reference model) and kto (unpaired data)", choices=list(ALL_LOSS_TYPES))
+    label_smoothing: float = flag(0.0, "label smoothing for sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired, "
+                                       "simpo")
     discopop_tau: float = flag(DISCOPOP_TAU, "temperature tau of the discopop loss")
+    simpo_gamma: float = flag(SIMPO_GAMMA, "target reward margin gamma of the simpo loss")
+    desirable_weight: float = flag(1.0, "kto: weight lambda_D of the desirable examples' losses")
+    undesirable_weight: float = flag(1.0, "kto: weight lambda_U of the undesirable examples' losses")
     reference: str = flag("auto", "the reference model: adapters-off (the base), adapter (the frozen --adapter), "
                                 "precomputed (either, computed once and cached), none (reference-free); "
-                                "auto = adapter with --adapter, else adapters-off", choices=list(REFERENCES))
+                                "auto = adapter with --adapter, else adapters-off (none for orpo and simpo)",
+                        choices=list(REFERENCES))
     reference_cache: str | None = flag(None, "directory of precomputed reference log-probs "
                                            "(default: $ANITA_CACHE/dpo-reference)")
-    rpo_alpha: float | None = flag(None, "weight of the chosen answers' NLL added to the loss (RPO); none by default")
+    rpo_alpha: float | None = flag(None, "weight of the chosen answers' NLL added to the loss (RPO; for orpo its "
+                                         "L_SFT term, 1 by default); none by default")
     max_prompt_length: int | None = flag(None, "prompt tokens kept (from its start) when prompt + answer is too long; "
                                                "default none, as TRL 1.16: the prompt is kept whole and the "
                                                "answers cut to fit max_length")
@@ -47,13 +57,16 @@ class DPOConfig(TrainConfig):
         if self.packing:
             raise AnitaError(f"{source}: 'packing' is not supported by DPO (each pair is one row)")
         try:
-            check_loss_args(self.loss, self.beta, self.label_smoothing, self.discopop_tau)
-        except AnitaError as e:  # the message names dpo_loss's arguments; here the field is `loss`
-            raise AnitaError(f"{source}: {str(e).removeprefix('dpo_loss: ').replace('loss_type', 'loss')}") from None
+            check_preference_args(self.loss, self.beta, label_smoothing=self.label_smoothing,
+                                  discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma,
+                                  desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        except AnitaError as e:  # the message names the loss function's arguments; here the field is `loss`
+            raise AnitaError(f"{source}: {re.sub(r'^[a-z]+_loss: ', '', str(e)).replace('loss_type', 'loss')}") from None
         if "discopop_tau" in given and self.loss != "discopop":  # even at its default value
             raise AnitaError(f"{source}: discopop_tau is only used by loss 'discopop', not {self.loss!r}")
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise AnitaError(f"{source}: 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
+        self._validate_beyond_dpo(source)
         if self.reference == "adapters-off" and self.adapter:
             raise AnitaError(f"{source}: --reference adapters-off with --adapter would score the policy against "
                              "the bare base, not the SFT model it starts from; use --reference adapter")
@@ -64,8 +77,28 @@ class DPOConfig(TrainConfig):
                              f"got {self.max_prompt_length}")
         return self
 
+    def _validate_beyond_dpo(self, source: str) -> None:
+        """ORPO and SimPO take no reference; KTO needs one computed live, mismatched pairs and no RPO term."""
+        if self.loss in REFERENCE_FREE and self.reference not in ("auto", "none"):
+            raise AnitaError(f"{source}: --loss {self.loss} uses no reference model; drop --reference {self.reference}")
+        if self.loss != "kto":
+            return
+        if self.reference == "none":
+            raise AnitaError(f"{source}: --loss kto needs a reference model (its rewards are log-ratios); "
+                             "use --reference auto, adapters-off or adapter")
+        if self.reference == "precomputed":
+            raise AnitaError(f"{source}: --loss kto cannot use --reference precomputed: its mismatched pairs are "
+                             "formed within each shuffled micro-batch (anita/dpo/unpaired.py)")
+        if self.rpo_alpha is not None:
+            raise AnitaError(f"{source}: 'rpo_alpha' (an NLL of the chosen answers) does not apply to --loss kto")
+        if self.batch_size < 2:
+            raise AnitaError(f"{source}: --loss kto needs batch_size >= 2 to form mismatched pairs (TRL's rule), "
+                             f"got {self.batch_size}")
+
     def reference_kind(self) -> str:
-        """The reference actually used: 'auto' resolved."""
+        """The reference actually used: 'auto' resolved (none for the reference-free ORPO and SimPO)."""
         if self.reference != "auto":
             return self.reference
+        if self.loss in REFERENCE_FREE:
+            return "none"
         return "adapter" if self.adapter else "adapters-off"

@@ -65,9 +65,9 @@ class PreferenceData:
     def summary(self) -> str:
         text = f"{self.path}: {len(self.pairs)} preference pairs ({self.truncated} truncated)"
         if self.dropped:
-            text += f", {len(self.dropped)} dropped: no answer token fits max_length (lines {_some(self.dropped)})"
+            text += f", {len(self.dropped)} dropped: no answer token fits max_length (lines {some_lines(self.dropped)})"
         if self.skipped:
-            text += f", {len(self.skipped)} bad rows skipped (lines {_some([n for n, _ in self.skipped])})"
+            text += f", {len(self.skipped)} bad rows skipped (lines {some_lines([n for n, _ in self.skipped])})"
         return text
 
     def fingerprint(self) -> str:
@@ -78,12 +78,12 @@ class PreferenceData:
         return h.hexdigest()
 
 
-def _some(lines: list[int], n: int = 5) -> str:
+def some_lines(lines: list[int], n: int = 5) -> str:
     return ", ".join(map(str, lines[:n])) + (", ..." if len(lines) > n else "")
 
 
 # ------------------------------------------------------------------------------------ rows
-def _as_messages(value, name: str, role: str) -> list[dict]:
+def as_messages(value, name: str, role: str) -> list[dict]:
     """A string becomes one message of `role`; a list must hold {"role", "content"} string dicts."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
@@ -96,9 +96,9 @@ def _as_messages(value, name: str, role: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _answer(row: dict, name: str) -> list[dict]:
+def answer_messages(row: dict, name: str) -> list[dict]:
     """The assistant messages of `chosen` or `rejected`; empty answers are refused."""
-    messages = _as_messages(row[name], name, "assistant")
+    messages = as_messages(row[name], name, "assistant")
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             raise ValueError(f"field {name!r}: message {i} has role {m['role']!r}; answers hold assistant "
@@ -114,10 +114,10 @@ def parse_row(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     missing = [f for f in FIELDS if f not in row]
     if missing:
         raise ValueError(f"missing field {missing[0]!r} (a preference row needs {', '.join(FIELDS)})")
-    prompt = _as_messages(row["prompt"], "prompt", "user")
+    prompt = as_messages(row["prompt"], "prompt", "user")
     if not any(m["content"].strip() for m in prompt):
         raise ValueError("field 'prompt' is empty")
-    chosen, rejected = _answer(row, "chosen"), _answer(row, "rejected")
+    chosen, rejected = answer_messages(row, "chosen"), answer_messages(row, "rejected")
     if chosen == rejected:
         raise ValueError("'chosen' and 'rejected' are identical; a preference needs two different answers")
     return prompt, chosen, rejected
@@ -206,18 +206,23 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, indices: list[int] |
     `num_tokens`, the real tokens (for the loop's tokens/s).
     """
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    batch = pad_rows(rows, pad_id)  # [2B, T] each
+    index = torch.tensor(indices if indices is not None else range(len(pairs)), dtype=torch.long)  # [B]
+    return {**batch, "index": index, "num_tokens": batch["attention_mask"].sum()}
+
+
+def pad_rows(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """N (prompt ids, answer ids) rows -> right-padded input_ids, attention_mask, completion_mask [N, T]."""
     T = max(len(prompt) + len(answer) for prompt, answer in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [2B, T]
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)  # [2B, T]
-    completion_mask = torch.zeros(len(rows), T, dtype=torch.long)  # [2B, T]
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [N, T]
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)  # [N, T]
+    completion_mask = torch.zeros(len(rows), T, dtype=torch.long)  # [N, T]
     for i, (prompt, answer) in enumerate(rows):
         n, m = len(prompt), len(answer)
-        input_ids[i, : n + m] = torch.tensor(prompt + answer, dtype=torch.long)
+        input_ids[i, : n + m] = torch.tensor(tuple(prompt) + tuple(answer), dtype=torch.long)
         attention_mask[i, : n + m] = 1
         completion_mask[i, n : n + m] = 1
-    index = torch.tensor(indices if indices is not None else range(len(pairs)), dtype=torch.long)  # [B]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "index": index, "num_tokens": attention_mask.sum()}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
 class PreferenceBatches(EpochBatches):

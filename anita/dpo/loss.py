@@ -341,6 +341,19 @@ def dpo_loss(
     Losses are not reduced (aot's are per quantile); rewards are β (policy − ref), detached. The
     math is fp32 (fp64 for fp64 inputs). `check_loss_args` says what is accepted.
     """
+    batch = preference_batch(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
+    losses = LOSSES[loss_type](batch)
+    return (losses, implicit_rewards(batch.policy_chosen, batch.ref_chosen, beta),
+            implicit_rewards(batch.policy_rejected, batch.ref_rejected, beta))
+
+
+def preference_batch(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                     beta: float, loss_type: str, label_smoothing: float = 0.0, chosen_lengths=None,
+                     rejected_lengths=None, discopop_tau: float = DISCOPOP_TAU) -> PreferenceBatch:
+    """`dpo_loss`'s arguments, checked, in the compute dtype, references detached (zeros when None),
+    lengths clamped at 1: what every loss (and `anita.dpo.gradients`) reads."""
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     check_loss_args(loss_type, beta, label_smoothing, discopop_tau, logps, (chosen_lengths, rejected_lengths))
     dtype = math_dtype(*(t for t in logps if t is not None))
@@ -351,7 +364,5 @@ def dpo_loss(
         ref_chosen, ref_rejected = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
     if chosen_lengths is not None:  # token counts, at least 1 (as TRL)
         chosen_lengths, rejected_lengths = chosen_lengths.to(dtype).clamp(min=1), rejected_lengths.to(dtype).clamp(min=1)
-    batch = PreferenceBatch(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
-                            rejected_lengths, beta, label_smoothing, discopop_tau)
-    losses = LOSSES[loss_type](batch)
-    return losses, implicit_rewards(policy_chosen, ref_chosen, beta), implicit_rewards(policy_rejected, ref_rejected, beta)
+    return PreferenceBatch(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                           rejected_lengths, beta, label_smoothing, discopop_tau)

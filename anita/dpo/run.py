@@ -1,8 +1,8 @@
 """`run_dpo`: preference optimization (docs/recipe.md, stage 2) of a LoRA adapter on the shared
-loop, from a `DPOConfig`: read the preference data and check the step arithmetic (before any model
-loads), print what the run will do, load the base (+NF4) with a fresh or the SFT adapter, build the
-reference, and run `anita.train.loop.train` with the DPO objective. Under torchrun each process
-runs this same function.
+loop, from a `DPOConfig`: read the preference data (unpaired examples for KTO) and check the step
+arithmetic (before any model loads), print what the run will do, load the base (+NF4) with a fresh
+or the SFT adapter, build the reference (none for ORPO and SimPO), and run
+`anita.train.loop.train` with the objective. Under torchrun each process runs this same function.
 
 The output directory is the loop's (adapter/, checkpoints/, metrics.jsonl, training_curves.png)
 plus dpo_curves.png.
@@ -28,6 +28,7 @@ from anita.dpo.reference import (
     precompute_reference,
 )
 from anita.dpo.trainer import DPOObjective, DPOSettings, plot_preference_metrics
+from anita.dpo.unpaired import UnpairedBatches, read_unpaired
 from anita.model import Tokenizer
 from anita.train.checkpoint import prepare_run_dir
 from anita.train.distributed import init_distributed, shutdown
@@ -39,7 +40,9 @@ DPO_PLOT_FILE = "dpo_curves.png"
 
 def dpo_settings(cfg: DPOConfig) -> DPOSettings:
     return DPOSettings(beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                       discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, chunk_size=cfg.chunk_size)
+                       discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, chunk_size=cfg.chunk_size,
+                       simpo_gamma=cfg.simpo_gamma, desirable_weight=cfg.desirable_weight,
+                       undesirable_weight=cfg.undesirable_weight)
 
 
 def build_reference(model, cfg: DPOConfig):
@@ -75,21 +78,34 @@ def precomputed_tables(model, cfg: DPOConfig, datasets: list, info) -> list:
     return tables
 
 
+def read_datasets(cfg: DPOConfig, tokenizer) -> list:
+    """The training (and held-out) data: preference pairs, or for KTO unpaired examples."""
+    read = read_unpaired if cfg.loss == "kto" else read_preferences
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
+    return [read(path, tokenizer, **kw) for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])]
+
+
+def make_batches(cfg: DPOConfig, data, pad_id: int, train: bool):
+    """Micro-batches of one data set; the held-out set in file order, except KTO's: unpaired from
+    pairs it lists every desirable example first, so it is shuffled (with the run's fixed seed) to
+    give each batch both kinds and mismatched pairs from both."""
+    if cfg.loss == "kto":
+        return UnpairedBatches(data, cfg.batch_size, pad_id, cfg.max_length, seed=cfg.seed, shuffle=True)
+    return PreferenceBatches(data, cfg.batch_size, pad_id, seed=cfg.seed, shuffle=train)
+
+
 def run_dpo(cfg: DPOConfig) -> list[dict]:
     """Train and return the metrics records; the run directory is `cfg.output`."""
     cfg.validate()
     info = init_distributed(cfg.device)
     try:
         tokenizer = Tokenizer.from_pretrained(cfg.model)
-        read = lambda path: read_preferences(path, tokenizer, max_length=cfg.max_length,  # noqa: E731
-                                             max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
-        datasets = [read(cfg.data)] + ([read(cfg.eval_data)] if cfg.eval_data else [])
-        batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0)
-                   for i, d in enumerate(datasets)]
+        datasets = read_datasets(cfg, tokenizer)
+        batches = [make_batches(cfg, d, tokenizer.pad_id, train=i == 0) for i, d in enumerate(datasets)]
         plan = plan_run(cfg, batches[0].per_epoch, info)  # too little data for a step fails here
         if info.is_main:
-            print(f"anita dpo: {describe(plan, cfg, info, 'pairs')}; {cfg.loss} loss, beta {cfg.beta:g}, "
-                  f"reference {cfg.reference_kind()}", flush=True)
+            print(f"anita dpo: {describe(plan, cfg, info, 'examples' if cfg.loss == 'kto' else 'pairs')}; "
+                  f"{cfg.loss} loss, beta {cfg.beta:g}, reference {cfg.reference_kind()}", flush=True)
             for label, data in zip(("training data", "held-out data"), datasets):
                 print(f"{label}: {data.summary()}", flush=True)
         out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after everything checkable is checked
@@ -103,7 +119,7 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
         objective = DPOObjective(dpo_settings(cfg), build_reference(model, cfg))
         eval_batches = batches[1] if len(batches) > 1 else None
         records = train(model, objective, batches[0], cfg, info, out, eval_batches, base_model=cfg.model,
-                        unit="preference pair")
+                        unit="example" if cfg.loss == "kto" else "preference pair")
         if info.is_main and records:
             plot_preference_metrics(records, out / DPO_PLOT_FILE)
         return records

@@ -14,7 +14,10 @@ The contract with the caller:
   tokens for SFT, preference pairs for DPO) and a dict of per-batch mean metrics. Backward runs
   on the sums and the gradients are divided by the step's total count afterwards, so
   accumulating k micro-batches on n processes is exactly one big batch: the same mean over the
-  same units, however they were split.
+  same units, however they were split. The metrics are averaged the same way, weighted by each
+  batch's count; a metric given as a (value, weight) pair carries its own weight instead (KTO's
+  mean reward of the desirable examples is weighted by how many the batch holds), and one whose
+  weights sum to 0 is left out of the record.
 - `data[i]` is micro-batch i of an endless deterministic stream (a dict of tensors; an optional
   `num_tokens` entry feeds tokens/s) and `data.per_epoch` its length per epoch, as
   `anita.train.data.MicroBatches`. Step s uses micro-batches s·k·n ... (s+1)·k·n - 1, and process
@@ -118,12 +121,33 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32")
 
 
+# ------------------------------------------------------------------------- metrics
+def add_metrics(weighted: dict[str, list[float]], metrics: dict, count: float) -> None:
+    """Add one batch's metrics to the running [Σ value·weight, Σ weight] of each; the weight is the
+    batch's count, or the metric's own when it is given as (value, weight)."""
+    for k, v in metrics.items():
+        value, weight = v if isinstance(v, tuple) else (v, count)
+        acc = weighted.setdefault(k, [0.0, 0.0])
+        acc[0] += float(value) * float(weight) if weight else 0.0
+        acc[1] += float(weight)
+
+
+def reduce_metrics(sums: torch.Tensor, weighted: dict[str, list[float]], info: DistInfo):
+    """All-reduce the loop's sums and the weighted metrics (every process has the same keys: the
+    same loss function) -> (sums, {metric: weighted mean}), metrics of zero total weight left out."""
+    keys = sorted(weighted)
+    flat = torch.tensor([x for k in keys for x in weighted[k]], dtype=torch.float64)
+    reduced = all_reduce_sum(torch.cat([sums, flat]), info)
+    pairs = reduced[len(sums):].view(-1, 2).tolist()
+    return reduced[:len(sums)], {k: total / weight for k, (total, weight) in zip(keys, pairs) if weight > 0}
+
+
 # ------------------------------------------------------------------------- one step
 def accumulate(runner: nn.Module, batches: list[dict], cfg: TrainConfig, info: DistInfo):
     """Forward and backward every micro-batch; returns the all-reduced sums
-    (loss_sum, count, tokens) and the count-weighted metric sums."""
+    (loss_sum, count, tokens) and the weighted means of the metrics."""
     sums = torch.zeros(3, dtype=torch.float64)
-    metric_sums: dict[str, float] = {}
+    weighted: dict[str, list[float]] = {}
     for i, batch in enumerate(batches):
         batch = to_device(batch, info.device)
         with maybe_no_sync(runner, skip_sync=i < len(batches) - 1), autocast(cfg, info.device):
@@ -131,12 +155,8 @@ def accumulate(runner: nn.Module, batches: list[dict], cfg: TrainConfig, info: D
         loss_sum.backward()
         n = float(count)
         sums += torch.tensor([loss_sum.item(), n, float(batch.get("num_tokens", 0))], dtype=torch.float64)
-        for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * n
-    keys = sorted(metric_sums)
-    reduced = all_reduce_sum(torch.cat([sums, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64)]),
-                             info)
-    return reduced[:3], dict(zip(keys, reduced[3:].tolist()))
+        add_metrics(weighted, metrics, n)
+    return reduce_metrics(sums, weighted, info)
 
 
 def finish_gradients(params: list[nn.Parameter], total_count: float, max_grad_norm: float,
@@ -157,7 +177,7 @@ def train_step(runner, data, step: int, params, optimizer, scheduler, cfg: Train
     """Compute the step's gradients and its record; the update itself is left to the caller,
     which first checks that they are finite."""
     start = time.perf_counter()
-    sums, metric_sums = accumulate(runner, step_batches(data, step, cfg.grad_accum, info), cfg, info)
+    sums, metrics = accumulate(runner, step_batches(data, step, cfg.grad_accum, info), cfg, info)
     loss_sum, count, tokens = sums.tolist()
     grad_norm = finish_gradients(params, count, cfg.max_grad_norm, info)
     seconds = time.perf_counter() - start
@@ -166,7 +186,7 @@ def train_step(runner, data, step: int, params, optimizer, scheduler, cfg: Train
             "loss": loss_sum / max(count, 1.0), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "tokens_per_s": tokens / seconds, "peak_mem_mb": round(peak_memory_mb(info.device), 1),
             "tokens": int(tokens), "count": int(count),
-            **{k: v / max(count, 1.0) for k, v in metric_sums.items()}}
+            **metrics}
 
 
 def check_finite(record: dict, last_checkpoint) -> None:
@@ -184,19 +204,15 @@ def evaluate(module: LossModule, data, cfg: TrainConfig, info: DistInfo) -> tupl
     """Mean loss per unit over one pass of `data` (each process takes every n-th micro-batch), and
     the loss function's metrics averaged the same way (count-weighted; DPO's reward accuracy)."""
     sums = torch.zeros(2, dtype=torch.float64)
-    metric_sums: dict[str, float] = {}
+    weighted: dict[str, list[float]] = {}
     with eval_mode(module):  # no dropout
         for i in range(info.rank, data.per_epoch, info.world_size):
             with autocast(cfg, info.device):
                 loss_sum, count, metrics = module(to_device(data[i], info.device))
             sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * float(count)
-    keys = sorted(metric_sums)
-    reduced = all_reduce_sum(torch.cat([sums, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64)]),
-                             info).tolist()
-    count = max(reduced[1], 1.0)
-    return reduced[0] / count, {k: v / count for k, v in zip(keys, reduced[2:])}
+            add_metrics(weighted, metrics, float(count))
+    (loss_sum, count), metrics = reduce_metrics(sums, weighted, info)
+    return loss_sum.item() / max(count.item(), 1.0), metrics
 
 
 # ------------------------------------------------------------------------------ the run

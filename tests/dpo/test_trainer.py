@@ -294,3 +294,101 @@ def test_dpo_trains_with_only_max_length_set(tmp_path, tiny_run_model):
             str(tmp_path / "o"), "--max-length", "128", "--max-steps", "1", "--batch-size", "2", "--no-progress"]
     assert main(argv) == 0
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ ORPO, SimPO, KTO on the loop
+class _NoReference:
+    """A reference that must not be asked: ORPO and SimPO compute none."""
+
+    def logps(self, model, batch, chunk_size):
+        raise AssertionError("a reference-free loss computed reference log-probs")
+
+
+def test_orpo_and_simpo_steps_read_mean_logps_and_no_reference(tiny_run_model, batch):
+    """The step's loss is orpo_loss / simpo_loss on Σ log π / |y| (no reference pass), plus for
+    ORPO its NLL term with weight 1 (or --rpo-alpha); logps/* are logged as the mean log-probs."""
+    from anita.dpo import orpo_log_odds_ratio, orpo_loss, simpo_loss
+
+    model = lora_model(tiny_run_model)
+    with torch.no_grad():
+        out = concatenated_logps(model, batch)
+        l_w, l_l = out.chosen / out.chosen_lengths, out.rejected / out.rejected_lengths
+        nll = -out.chosen.sum() / out.chosen_lengths.sum()
+        orpo_sum, B, orpo_metrics = dpo_step(model, batch, DPOSettings(beta=0.2, loss_type="orpo"), _NoReference())
+        half, _, _ = dpo_step(model, batch, DPOSettings(beta=0.2, loss_type="orpo", rpo_alpha=0.5), _NoReference())
+        simpo_sum, _, simpo_metrics = dpo_step(model, batch, DPOSettings(beta=2.0, loss_type="simpo", simpo_gamma=0.3),
+                                               _NoReference())
+    assert math.isclose(orpo_sum.item(), orpo_loss(l_w, l_l, 0.2)[0].sum().item() + B * nll.item(), rel_tol=1e-5)
+    assert math.isclose(half.item(), orpo_sum.item() - 0.5 * B * nll.item(), rel_tol=1e-5)
+    assert math.isclose(orpo_metrics["log_odds_chosen"], orpo_log_odds_ratio(l_w, l_l).mean().item(), rel_tol=1e-5)
+    assert math.isclose(orpo_metrics["logps/chosen"], l_w.mean().item(), rel_tol=1e-5)
+    assert math.isclose(orpo_metrics["rewards/margins"], 0.2 * (l_w - l_l).mean().item(), rel_tol=1e-4, abs_tol=1e-7)
+    assert math.isclose(simpo_sum.item(), simpo_loss(l_w, l_l, 2.0, 0.3)[0].sum().item(), rel_tol=1e-5)
+    assert "nll_loss" not in simpo_metrics and "nll_loss" in orpo_metrics
+
+
+def test_kto_step_is_the_formula_and_the_mismatched_rows_get_no_gradient(tmp_path, tiny_run_model, byte_tokenizer):
+    """On an unpaired batch: z₀ from the mismatched rows (policy vs base), kto_loss on the matched
+    ones, TRL's class-mean metrics; the gradient equals that of the formula with z₀ a constant."""
+    from anita.dpo import kto_loss
+    from anita.dpo.unpaired import UnpairedBatches, read_unpaired
+
+    data = read_unpaired(write_jsonl(tmp_path / "p.jsonl", ROWS), byte_tokenizer, max_length=64)
+    kto_batch = UnpairedBatches(data, 6, byte_tokenizer.pad_id, 64, shuffle=True)[0]
+    model = lora_model(tiny_run_model)
+    params = lora_parameters(model)
+    settings = DPOSettings(beta=0.5, loss_type="kto", desirable_weight=1.2)
+    loss_sum, B, metrics = dpo_step(model, kto_batch, settings, AdaptersOff())
+    ours = torch.autograd.grad(loss_sum, params)
+    with torch.no_grad(), disable_lora(model):
+        ref, _, _ = naive_logps(model, kto_batch)
+    policy, _, _ = naive_logps(model, kto_batch)
+    with torch.no_grad():
+        policy_kl, _, _ = naive_logps(model, kto_batch)
+    kl = (policy_kl[B:] - ref[B:]).mean().clamp(min=0)
+    d = kto_batch["label"]
+    losses, r_w, r_l = kto_loss(policy[:B][d], policy[:B][~d], ref[:B][d], ref[:B][~d], kl, 0.5, 1.2)
+    assert B == 6 and math.isclose(loss_sum.item(), losses.sum().item(), rel_tol=1e-5)
+    assert math.isclose(metrics["kl"], kl.item(), rel_tol=1e-4, abs_tol=1e-6)
+    assert metrics["rewards/chosen"] == (pytest.approx(r_w.mean().item(), rel=1e-4), 3)
+    assert metrics["rewards/margins"][1] == 6
+    for a, b in zip(ours, torch.autograd.grad(losses.sum(), params)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss,extra,metric", [
+    ("orpo", ["--beta", "0.5"], "eval_log_odds_chosen"),
+    ("simpo", ["--beta", "2", "--simpo-gamma", "0.5"], "eval_rewards/margins"),
+    ("kto", ["--beta", "1"], "eval_rewards/margins"),
+])
+def test_cli_runs_orpo_simpo_kto_and_moves_the_held_out_metric(tmp_path, tiny_run_model, loss, extra, metric):
+    """`anita dpo --loss orpo|simpo|kto`, 8 steps on the toy preference (KTO reads the pairs unpaired):
+    ORPO's held-out log odds ratio rises, SimPO's margin rises, KTO's desirable/undesirable reward gap
+    grows from 0; the metrics carry TRL's names and no reference is computed for ORPO/SimPO."""
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(8))
+    write_jsonl(tmp_path / "eval.jsonl", toy_rows(8, offset=100))
+    records = run_cli(tmp_path, tiny_run_model, loss, "--loss", loss, "--eval-data", str(tmp_path / "eval.jsonl"),
+                      "--max-steps", "8", "--lr", "0.02", "--warmup-ratio", "0", "--eval-steps", "4", *extra)
+    evals = [r[metric] for r in records if "eval_loss" in r]
+    assert len(evals) == 3 and evals[0] < min(evals[1:]), evals
+    train = [r for r in records if "loss" in r]
+    expected = {"orpo": {"nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies"},
+                "simpo": {"rewards/accuracies", "rewards/margins"}, "kto": {"kl", "rewards/margins"}}[loss]
+    logged = set().union(*train)  # a KTO batch of one kind logs no margin
+    assert expected | {"rewards/chosen", "logps/chosen", "logits/chosen"} <= logged
+    assert (loss == "kto") == ("rewards/accuracies" not in logged)
+    assert not (tmp_path / "cache").exists()  # no reference log-probs were cached
+
+
+def test_cli_refuses_settings_the_loss_does_not_read(tmp_path, tiny_run_model, capsys):
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(4))
+    base = ["dpo", "--model", str(tiny_run_model), "--data", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "o")]
+    for extra, message in [(["--loss", "orpo", "--reference", "adapters-off"], "--loss orpo uses no reference model"),
+                           (["--loss", "kto", "--reference", "precomputed"], "cannot use --reference precomputed"),
+                           (["--loss", "kto", "--reference", "none"], "needs a reference model"),
+                           (["--loss", "kto", "--batch-size", "1"], "batch_size >= 2"),
+                           (["--loss", "kto", "--rpo-alpha", "1"], "does not apply to --loss kto"),
+                           (["--loss", "sigmoid", "--simpo-gamma", "1"], "simpo_gamma is only used by loss 'simpo'"),
+                           (["--loss", "simpo", "--desirable-weight", "2"], "only used by loss 'kto'")]:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
