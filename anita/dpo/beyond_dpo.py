@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from anita.dpo.loss import DISCOPOP_TAU, LOSS_TYPES, _check_vector, check_loss_args
+from anita.dpo.loss import DISCOPOP_TAU, LOSS_TYPES, check_vector, check_loss_args
 from anita.dtypes import math_dtype
 from anita.errors import AnitaError
 
@@ -85,20 +85,20 @@ def _check_logps(where: str, loss_type: str, logps: tuple) -> None:
     """ORPO/SimPO: two [B] tensors of one shape. KTO: chosen pair [Bc], rejected pair [Br], not both empty."""
     try:
         if loss_type in REFERENCE_FREE:
-            shape = _check_vector("policy_chosen_logps", logps[0])
-            _check_vector("policy_rejected_logps", logps[1], shape)
+            shape = check_vector("policy_chosen_logps", logps[0])
+            check_vector("policy_rejected_logps", logps[1], shape)
             return
-        chosen = _check_vector("policy_chosen_logps", logps[0])
-        rejected = _check_vector("policy_rejected_logps", logps[1])
-        _check_vector("ref_chosen_logps", logps[2], chosen)
-        _check_vector("ref_rejected_logps", logps[3], rejected)
+        chosen = check_vector("policy_chosen_logps", logps[0])
+        rejected = check_vector("policy_rejected_logps", logps[1])
+        check_vector("ref_chosen_logps", logps[2], chosen)
+        check_vector("ref_rejected_logps", logps[3], rejected)
     except AnitaError as e:
         raise AnitaError(str(e).replace("dpo_loss:", f"{where}:", 1)) from None
     if chosen[0] + rejected[0] == 0:
         raise AnitaError(f"{where}: no examples: both the desirable and the undesirable log-probs are empty")
 
 
-def _as_math(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def as_math(*tensors: torch.Tensor) -> list[torch.Tensor]:
     dtype = math_dtype(*tensors)
     return [t.to(dtype) for t in tensors]
 
@@ -129,7 +129,7 @@ def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     Gradient, with z = log OR: ∂L/∂l_w = −β σ(−z) / (1 − e^{l_w}), ∂L/∂l_l = +β σ(−z) / (1 − e^{l_l}).
     """
     check_preference_args("orpo", beta, logps=(policy_chosen_logps, policy_rejected_logps))
-    chosen, rejected = _as_math(policy_chosen_logps, policy_rejected_logps)
+    chosen, rejected = as_math(policy_chosen_logps, policy_rejected_logps)
     losses = -beta * F.logsigmoid(orpo_log_odds_ratio(chosen, rejected))  # Eq. 7, weighted by λ = β
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
 
@@ -147,7 +147,7 @@ def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     """
     check_preference_args("simpo", beta, label_smoothing=label_smoothing, simpo_gamma=gamma,
                           logps=(policy_chosen_logps, policy_rejected_logps))
-    chosen, rejected = _as_math(policy_chosen_logps, policy_rejected_logps)
+    chosen, rejected = as_math(policy_chosen_logps, policy_rejected_logps)
     z = beta * (chosen - rejected) - gamma  # Eq. 6: the reward margin minus the target margin γ
     losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
@@ -178,7 +178,7 @@ def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     check_preference_args("kto", beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
                           logps=logps, kl=kl)
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected = _as_math(*logps)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = as_math(*logps)
     ref_chosen, ref_rejected = ref_chosen.detach(), ref_rejected.detach()
     z0 = torch.as_tensor(kl, dtype=policy_chosen.dtype, device=policy_chosen.device).detach().reshape(()).clamp(min=0)
     chosen_logratio, rejected_logratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # ρ_w, ρ_l

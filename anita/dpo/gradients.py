@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from anita.dpo.beyond_dpo import SIMPO_GAMMA, _as_math, check_preference_args, orpo_log_odds_ratio
+from anita.dpo.beyond_dpo import SIMPO_GAMMA, as_math, check_preference_args, orpo_log_odds_ratio
 from anita.dpo.loss import DISCOPOP_TAU, PreferenceBatch, preference_batch
 
 sig = torch.sigmoid
@@ -174,7 +174,7 @@ def orpo_gradients(policy_chosen_logps, policy_rejected_logps, beta: float) -> G
     """ORPO, z = log OR: ∂L/∂l_w = −βσ(−z)/(1 − e^{l_w}), ∂L/∂l_l = βσ(−z)/(1 − e^{l_l})
     (d log odds(y)/dl = 1 + eˡ/(1 − eˡ) = 1/(1 − eˡ))."""
     check_preference_args("orpo", beta, logps=(policy_chosen_logps, policy_rejected_logps))
-    l_w, l_l = (t.detach() for t in _as_math(policy_chosen_logps, policy_rejected_logps))
+    l_w, l_l = (t.detach() for t in as_math(policy_chosen_logps, policy_rejected_logps))
     weight = beta * sig(-orpo_log_odds_ratio(l_w, l_l))
     return Gradients(-weight / -torch.expm1(l_w), weight / -torch.expm1(l_l), None, None)
 
@@ -184,7 +184,7 @@ def simpo_gradients(policy_chosen_logps, policy_rejected_logps, beta: float, gam
     """SimPO, z = β(l_w − l_l) − γ: ∂L/∂l_w = −∂L/∂l_l = β[−(1 − ε)σ(−z) + εσ(z)]."""
     check_preference_args("simpo", beta, label_smoothing=label_smoothing, simpo_gamma=gamma,
                           logps=(policy_chosen_logps, policy_rejected_logps))
-    l_w, l_l = (t.detach() for t in _as_math(policy_chosen_logps, policy_rejected_logps))
+    l_w, l_l = (t.detach() for t in as_math(policy_chosen_logps, policy_rejected_logps))
     g = beta * _smoothed_logistic_dz(beta * (l_w - l_l) - gamma, label_smoothing)
     return Gradients(g, -g, None, None)
 
@@ -196,7 +196,7 @@ def kto_gradients(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     check_preference_args("kto", beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
                           logps=logps, kl=kl)
-    pc, pr, rc, rr = (t.detach() for t in _as_math(*logps))
+    pc, pr, rc, rr = (t.detach() for t in as_math(*logps))
     z0 = torch.as_tensor(kl, dtype=pc.dtype).detach().reshape(()).clamp(min=0)
     u, v = beta * (pc - rc - z0), beta * (z0 - (pr - rr))
     g_w, g_l = -desirable_weight * beta * sig(u) * sig(-u), undesirable_weight * beta * sig(v) * sig(-v)

@@ -293,21 +293,21 @@ def check_loss_args(loss_type: str, beta: float, label_smoothing: float = 0.0, d
     if logps is not None:
         if (logps[2] is None) != (logps[3] is None):
             raise AnitaError("dpo_loss: give both reference log-probs, or neither (reference-free mode)")
-        shape = _check_vector(LOGP_NAMES[0], logps[0])
+        shape = check_vector(LOGP_NAMES[0], logps[0])
         for name, t in zip(LOGP_NAMES[1:], logps[1:]):
             if t is not None:
-                _check_vector(name, t, shape)
+                check_vector(name, t, shape)
     if lengths is not None:
         if (lengths[0] is None) != (lengths[1] is None):
             raise AnitaError("dpo_loss: give both `chosen_lengths` and `rejected_lengths`, or neither")
         if lengths[0] is None and loss_type == "sigmoid_norm":
             raise AnitaError("dpo_loss: loss_type 'sigmoid_norm' needs `chosen_lengths` and `rejected_lengths`")
         if lengths[0] is not None:
-            shape = _check_vector("chosen_lengths", lengths[0], shape, floating=False)
-            _check_vector("rejected_lengths", lengths[1], shape, floating=False)
+            shape = check_vector("chosen_lengths", lengths[0], shape, floating=False)
+            check_vector("rejected_lengths", lengths[1], shape, floating=False)
 
 
-def _check_vector(name: str, t, shape: tuple | None = None, floating: bool = True) -> tuple:
+def check_vector(name: str, t, shape: tuple | None = None, floating: bool = True) -> tuple:
     """`t` must be a 1-D [B] tensor (of `shape` when given), of a float dtype unless told otherwise."""
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or (shape is not None and tuple(t.shape) != shape):
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
