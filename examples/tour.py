@@ -41,7 +41,8 @@ with torch.no_grad():
         reference = concatenated_logps(model, batch)
 losses, chosen_rewards, rejected_rewards = dpo_loss(policy.chosen, policy.rejected, reference.chosen,
                                                     reference.rejected, beta=0.1, loss_type="sigmoid")
-print(f"DPO loss {losses.mean().item():.4f} (ln 2 = 0.6931 at the reference), rewards {chosen_rewards.tolist()}")
+print(f"DPO loss {losses.mean().item():.4f} (ln 2 = 0.6931 if the policy were the reference; the SFT step moved it), "
+      f"chosen rewards {chosen_rewards.tolist()}")
 
 # Save the adapter (PEFT's format), merge it into the unquantized base, and generate with the result.
 save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir))

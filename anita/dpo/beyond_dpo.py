@@ -105,8 +105,15 @@ def as_math(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------------------------ ORPO
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − eˣ) for x < 0, stable on both sides of −ln 2 (Mächler 2012, "Accurately computing log(1 − exp(−|a|))")."""
-    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 − eˣ) for x < 0, stable on both sides of −ln 2 (Mächler 2012, "Accurately computing log(1 − exp(−|a|))").
+
+    Each branch is fed only the values it is used for: torch.where differentiates both, and the
+    unused one must not be −inf there (its NaN gradient would leak through the zero weight).
+    """
+    cut = x.new_tensor(-math.log(2.0))
+    small = torch.log1p(-torch.exp(torch.minimum(x, cut)))  # x ≤ −ln 2
+    large = torch.log(-torch.expm1(torch.maximum(x, cut)))  # −ln 2 ≤ x < 0
+    return torch.where(x < cut, small, large)
 
 
 def orpo_log_odds_ratio(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:
@@ -115,6 +122,9 @@ def orpo_log_odds_ratio(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
     In log space: log odds(y) = l − log(1 − eˡ), so log OR = (l_w − l_l) − (log1mexp(l_w) − log1mexp(l_l)).
     Inputs are mean per-token log-probs l < 0; TRL logs the batch mean of this as `log_odds_chosen`.
     """
+    # A mean log-prob of (almost) 0 is an answer the model is certain of: infinite odds. Keep it a
+    # hair below 0 so that the loss and its gradient stay finite (TRL's formula gives NaN there).
+    chosen_logps, rejected_logps = chosen_logps.clamp(max=-1e-6), rejected_logps.clamp(max=-1e-6)
     return (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))
 
 

@@ -102,13 +102,15 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
         tokenizer = Tokenizer.from_pretrained(cfg.model)
         datasets = read_datasets(cfg, tokenizer)
         batches = [make_batches(cfg, d, tokenizer.pad_id, train=i == 0) for i, d in enumerate(datasets)]
-        plan = plan_run(cfg, batches[0].per_epoch, info)  # too little data for a step fails here
+        plan = plan_run(cfg, batches[0].per_epoch, info,  # too little data for a step fails here
+                        batches[1].per_epoch if len(batches) > 1 else None)
         if info.is_main:
             print(f"anita dpo: {describe(plan, cfg, info, 'examples' if cfg.loss == 'kto' else 'pairs')}; "
                   f"{cfg.loss} loss, beta {cfg.beta:g}, reference {cfg.reference_kind()}", flush=True)
             for label, data in zip(("training data", "held-out data"), datasets):
                 print(f"{label}: {data.summary()}", flush=True)
-        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after everything checkable is checked
+        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info,
+                              defaults=type(cfg)().to_dict())  # after everything checkable is checked
         model, report = load_trainable_model(cfg, info)
         if info.is_main:
             print(report, flush=True)

@@ -91,7 +91,8 @@ def check_harness_flags(args) -> None:
 
 def harness_model(args) -> AnitaLM:
     return AnitaLM(pretrained=args.model, adapter=args.adapter, quantize=args.quantize, dtype=args.dtype,
-                   device=args.device, batch_size=args.batch_size, add_bos_token=True if args.add_bos else None)
+                   device=args.device, batch_size=args.batch_size, add_bos_token=True if args.add_bos else None,
+                   progress=args.progress)
 
 
 def run_harness(args) -> int:
@@ -156,8 +157,9 @@ def register(sub) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar on stderr, as training does (default: on)")
     p.add_argument("--add-bos", action="store_true",
-                   help="tokenize with the tokenizer's special tokens (BOS for Llama 3), as lm-eval-harness "
-                        "with add_bos_token=True; default off, as the harness up to v0.4.9")
+                   help="--task: tokenize with the tokenizer's special tokens (BOS for Llama 3), as the harness "
+                        "with add_bos_token=True (default off, the harness up to v0.4.9); --tasks/--suite add them by "
+                        "default, as lm-eval 0.4.13 does")
     p.add_argument("--window", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="perplexity stride in tokens (default: half the window)")
     p.add_argument("--include-path", metavar="DIR", help="--tasks: a directory of task YAML files to add")

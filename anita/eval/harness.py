@@ -54,6 +54,7 @@ except ImportError:  # anita still imports; AnitaLM(...) says what to install
 
 INSTALL = 'lm-evaluation-harness is not installed: pip install "anita[eval]"'
 GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+MAX_GEN_TOKS_ALIASES = ("max_new_tokens", "max_tokens", "max_completion_tokens")  # HFLM reads these as max_gen_toks
 DEFAULT_MAX_GEN_TOKS = 256  # HFLM.max_gen_toks
 
 
@@ -120,7 +121,7 @@ class HarnessRequests:
         return self.tokenizer.encode(text, add_special_tokens=self.special_tokens(text))
 
     # ------------------------------------------------------------------- the three requests
-    def loglikelihood(self, args: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, args: list[tuple[str, str]], progress: bool = False) -> list[tuple[float, bool]]:
         """(log p(continuation | context), is_greedy) per (context, continuation)."""
         pairs = []
         for context, continuation in args:
@@ -131,12 +132,14 @@ class HarnessRequests:
                 raise AnitaError(f"loglikelihood: continuation of {len(cont)} tokens, longer than max_length "
                                  f"{self.max_length}")
             pairs.append((truncate_left(ctx, cont, self.max_length), cont))
-        return [(s.logprob, s.greedy) for s in score_requests(self.model, pairs, self.batch_size, greedy=True)]
+        scores = score_requests(self.model, pairs, self.batch_size, greedy=True, progress=progress)
+        return [(s.logprob, s.greedy) for s in scores]
 
-    def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
+    def loglikelihood_rolling(self, texts: list[str], progress: bool = False) -> list[float]:
         """log p(text) per text, BOS first, in the harness's windows."""
         documents = [[self.prefix_token_id] + self.tok_encode(text) for text in texts]
-        nlls = rolling_nlls(self.model, documents, lambda n: harness_windows(n, self.max_length), self.batch_size)
+        nlls = rolling_nlls(self.model, documents, lambda n: harness_windows(n, self.max_length), self.batch_size,
+                            progress)
         return [-nll for nll in nlls]
 
     def generate_until(self, args: list[tuple[str, dict]]) -> list[str]:
@@ -159,12 +162,16 @@ class HarnessRequests:
     def generation_settings(self, gen_kwargs: dict) -> dict:
         """until, max_gen_toks and sampling settings from a request's gen_kwargs (HFLM's defaults:
         greedy unless do_sample or a temperature > 0; do_sample without a temperature samples at 1)."""
+        gen_kwargs = dict(gen_kwargs)
+        for alias in MAX_GEN_TOKS_ALIASES:
+            if alias in gen_kwargs:
+                gen_kwargs.setdefault("max_gen_toks", gen_kwargs.pop(alias))
         unknown = sorted(set(gen_kwargs) - GEN_KWARGS)
         if unknown:
             raise AnitaError(f"generate_until: unsupported generation argument(s) {', '.join(unknown)}; "
                              f"anita takes {', '.join(sorted(GEN_KWARGS))}")
         until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = [stop for stop in ([until] if isinstance(until, str) else list(until)) if stop]  # "" stops nothing
         temperature = float(gen_kwargs.get("temperature", 0.0))
         do_sample = gen_kwargs.get("do_sample")
         do_sample = temperature > 0 if do_sample is None else bool(do_sample)
@@ -200,7 +207,7 @@ class AnitaLM(LM):
 
     def __init__(self, pretrained: str, adapter: str | None = None, quantize: str | None = None,
                  dtype: str = "float32", device: str = "cpu", batch_size=8, max_length=None,
-                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None):
+                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None, progress=True):
         require_lm_eval()
         super().__init__()
         if str(batch_size).startswith("auto"):
@@ -215,17 +222,20 @@ class AnitaLM(LM):
                                         add_bos_token)
         self._device = model.device
         self.pretrained, self.adapter = str(pretrained), adapter
+        self.progress = optional_bool("progress", progress) is not False  # a bar of requests on stderr
 
     @property
     def max_length(self) -> int:
         return self.requests.max_length
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self.answer("loglikelihood", requests, self.requests.loglikelihood([r.args for r in requests]))
+        answers = self.requests.loglikelihood([r.args for r in requests], progress=self.progress and not disable_tqdm)
+        return self.answer("loglikelihood", requests, answers)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         texts = [r.args[0] for r in requests]
-        return self.answer("loglikelihood_rolling", requests, self.requests.loglikelihood_rolling(texts))
+        return self.answer("loglikelihood_rolling", requests,
+                           self.requests.loglikelihood_rolling(texts, progress=self.progress and not disable_tqdm))
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         return self.answer("generate_until", requests, self.requests.generate_until([r.args for r in requests]))

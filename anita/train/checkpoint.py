@@ -32,29 +32,47 @@ from anita.train.distributed import DistInfo, barrier
 
 RUN_FILE = "run.json"
 STEP_DIR = re.compile(r"step-(\d+)")
-# What a run writes before its first checkpoint: a directory holding only these and no checkpoint
-# is not a run yet (it stopped before step 1), and a new run may clear it.
+# What a run writes before its first checkpoint: a directory holding only these, with a run.json and
+# no complete checkpoint, is a run that stopped before one (a crash at step 1, a bad setting), and
+# a new run may clear it.
 EARLY_RUN_FILES = {RUN_FILE, "checkpoints", "metrics.jsonl", "training_curves.png", "dpo_curves.png", ".tmp-adapter"}
 
 
 # ------------------------------------------------------------------------ run directory
-def prepare_run_dir(config: dict, output, resume: bool, info: DistInfo) -> Path:
+def stopped_before_first_checkpoint(out: Path) -> bool:
+    """OUTPUT holds an anita run (a run.json object) that wrote no complete checkpoint, and nothing
+    anita does not write: checkpoints/ holds at most half-written `.tmp-step-*` directories."""
+    if not {p.name for p in out.iterdir()} <= EARLY_RUN_FILES or not (out / RUN_FILE).is_file():
+        return False
+    root = out / "checkpoints"
+    if root.exists() and (not root.is_dir() or any(not p.name.startswith(".tmp-step-") for p in root.iterdir())):
+        return False
+    try:
+        return isinstance(json.loads((out / RUN_FILE).read_text()), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def prepare_run_dir(config: dict, output, resume: bool, info: DistInfo, defaults: dict | None = None) -> Path:
     """Create OUTPUT (rank 0) or check that it holds this very run when resuming.
 
     Without `resume` an OUTPUT with anything in it is refused (it would be clobbered); with it,
     OUTPUT must be empty or hold a run with the same settings (see `config.RESUMABLE_CHANGES`).
-    An OUTPUT with no checkpoint that holds only what a run writes before its first one (a run that
-    stopped before step 1) is not a run: it is cleared and used afresh.
+    An OUTPUT that holds only what a run writes before its first checkpoint (see
+    `stopped_before_first_checkpoint`) is cleared and used afresh. `defaults` stand in for fields
+    an older run.json lacks.
     """
     out = Path(output)
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise AnitaError(f"--output {out}: exists and is not a directory")
     occupied = out.is_dir() and any(out.iterdir())
-    if occupied and not checkpoint_dirs(out) and {p.name for p in out.iterdir()} <= EARLY_RUN_FILES:
+    if occupied and stopped_before_first_checkpoint(out):
         barrier(info)  # every rank has looked before rank 0 clears
         if info.is_main:
-            print(f"{out}: holds no checkpoint (an earlier run stopped before step 1); starting afresh", flush=True)
+            logged = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").is_file() else 0
+            print(f"{out}: an earlier run stopped before its first checkpoint; starting afresh (its {logged} "
+                  "logged records are dropped)", flush=True)
             for p in out.iterdir():
                 if p.is_dir():
                     shutil.rmtree(p)
@@ -71,7 +89,7 @@ def prepare_run_dir(config: dict, output, resume: bool, info: DistInfo) -> Path:
             saved = json.loads(run_file.read_text())
         except json.JSONDecodeError as e:
             raise AnitaError(f"{run_file}: not valid JSON (line {e.lineno}: {e.msg}); cannot resume") from None
-        changed = differences(saved, config)
+        changed = differences({**(defaults or {}), **saved}, config)  # a field added since: its default
         if changed:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:5])
             raise AnitaError(f"--resume: {out} holds a different run ({detail}); use another --output")

@@ -82,8 +82,12 @@ class RunPlan:
     per_epoch: int  # micro-batches per epoch (per all processes)
 
 
-def plan_run(cfg: TrainConfig, per_epoch: int, info: DistInfo) -> RunPlan:
-    """The step arithmetic of a run; too little data for one step is an error here, before loading."""
+def plan_run(cfg: TrainConfig, per_epoch: int, info: DistInfo, eval_per_epoch: int | None = None) -> RunPlan:
+    """The step arithmetic of a run; too little data for one step, or held-out data that leaves a
+    process without a micro-batch to evaluate, is an error here, before loading."""
+    if eval_per_epoch is not None and eval_per_epoch < info.world_size:
+        raise AnitaError(f"--eval-data gives {eval_per_epoch} micro-batch(es); each of the {info.world_size} processes "
+                         "needs at least one: lower --batch-size or add held-out rows")
     steps = total_steps(cfg, per_epoch, info.world_size)
     return RunPlan(steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio),
                    optimizer_for(cfg.optimizer, info.device), per_epoch)

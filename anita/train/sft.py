@@ -34,11 +34,13 @@ def run_sft(cfg: TrainConfig) -> list[dict]:
         tokenizer = Tokenizer.from_pretrained(cfg.model)
         train_data, train_summary = load_data(cfg.data, tokenizer, cfg, shuffle=True)
         eval_data, eval_summary = load_data(cfg.eval_data, tokenizer, cfg, shuffle=False) if cfg.eval_data else (None, "")
-        plan = plan_run(cfg, train_data.per_epoch, info)  # too little data for a step fails here
+        plan = plan_run(cfg, train_data.per_epoch, info,  # too little data for a step fails here
+                        eval_data.per_epoch if eval_data is not None else None)
         if info.is_main:
             print(f"anita sft: {describe(plan, cfg, info, 'rows')}", flush=True)
             print(f"training data: {train_summary}" + (f"\nheld-out data: {eval_summary}" if eval_data else ""), flush=True)
-        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info)  # after everything checkable is checked
+        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info,
+                              defaults=type(cfg)().to_dict())  # after everything checkable is checked
         model, report = load_trainable_model(cfg, info)
         if info.is_main:
             print(report, flush=True)

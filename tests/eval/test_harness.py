@@ -159,3 +159,19 @@ def test_nf4_is_close_to_the_unquantized_model(saved, smollm2_dir):
                 per_token.append(abs(q[0][0] - f[0][0]) / max(n, 1))
     assert sum(per_token) / len(per_token) <= 1.2 and max(per_token) <= 3.0
     assert min(per_token) > 0
+
+
+def test_generation_settings_read_gen_kwargs_as_hflm_does():
+    """HFLM's aliases of max_gen_toks are accepted, an empty stop string stops nothing, greedy unless
+    do_sample or a temperature > 0; an argument anita does not implement is refused by name."""
+    import types
+
+    from anita.errors import AnitaError
+
+    this = types.SimpleNamespace(max_gen_toks=256)
+    got = HarnessRequests.generation_settings(this, {"until": ["", "\n\n"], "max_new_tokens": 7})
+    assert got == {"until": ["\n\n"], "max_gen_toks": 7, "temperature": 0.0, "top_k": None, "top_p": None}
+    got = HarnessRequests.generation_settings(this, {"until": "", "do_sample": True, "top_p": 0.9})
+    assert (got["until"], got["max_gen_toks"], got["temperature"], got["top_p"]) == ([], 256, 1.0, 0.9)
+    with pytest.raises(AnitaError, match="unsupported generation argument.*num_beams"):
+        HarnessRequests.generation_settings(this, {"num_beams": 4})

@@ -110,6 +110,30 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_a_run(tmp_path, r
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("files", [
+    {"metrics.jsonl": "{}\n", "checkpoints/epoch=3-step=900.ckpt": "weights"},  # someone else's, no run.json
+    {"run.json": "[1, 2]", "metrics.jsonl": "{}\n"},  # not an anita run.json
+    {"run.json": "{}", "checkpoints/mine.txt": "x"},  # checkpoints/ holds more than half-written steps
+])
+def test_directories_that_are_not_an_unfinished_anita_run_are_never_cleared(tmp_path, files):
+    out = tmp_path / "run"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    with pytest.raises(AnitaError):
+        prepare_run_dir({"lr": 1e-4}, out, resume=False, info=DistInfo())
+    assert all((out / name).read_text() == text for name, text in files.items())
+
+
+def test_a_field_added_since_a_run_started_does_not_block_its_resume(tmp_path):
+    """run.json written before a field existed: the field's default stands in for it."""
+    out = prepare_run_dir({"lr": 1e-3}, tmp_path / "run", resume=False, info=DistInfo())
+    (out / "checkpoints" / "step-000001").mkdir()
+    prepare_run_dir({"lr": 1e-3, "new_knob": 0.5}, out, resume=True, info=DistInfo(), defaults={"new_knob": 0.5})
+    with pytest.raises(AnitaError, match="new_knob"):
+        prepare_run_dir({"lr": 1e-3, "new_knob": 0.7}, out, resume=True, info=DistInfo(), defaults={"new_knob": 0.5})
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     for name in ("step-000002", "step-000010", ".tmp-step-000011", "step-junk"):

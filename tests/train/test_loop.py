@@ -114,3 +114,25 @@ def test_the_plan_line_says_what_the_run_will_do():
     assert "NF4 base (QLoRA) with a fresh LoRA r=16, alpha=8" in text
     assert "\nwarning: the warm-up (100 steps) is as long as the run (24 steps)" in text
     assert "warning" not in describe(plan_run(_cfg(max_steps=24), 10, DistInfo()), _cfg(max_steps=24), DistInfo(), "rows")
+
+
+def test_held_out_data_must_give_every_process_a_micro_batch():
+    """With fewer held-out micro-batches than processes, one process would evaluate nothing and the
+    all-reduce would not line up: refused before the model loads."""
+    two = DistInfo(rank=0, world_size=2)
+    with pytest.raises(AnitaError, match="--eval-data gives 1 micro-batch.*each of the 2 processes"):
+        plan_run(_cfg(max_steps=4), per_epoch=8, info=two, eval_per_epoch=1)
+    assert plan_run(_cfg(max_steps=4), per_epoch=8, info=two, eval_per_epoch=2).steps == 4
+
+
+def test_metrics_are_weighted_means_and_absent_ones_are_left_out():
+    """A metric is weighted by its batch's count, or by its own weight when given as (value, weight);
+    one whose weights sum to 0 (no batch had it) is left out rather than averaged as 0."""
+    from anita.train.loop import add_metrics, reduce_metrics
+
+    weighted: dict = {}
+    add_metrics(weighted, {"acc": 1.0, "reward/chosen": (2.0, 3), "margin": (5.0, 0)}, count=4)
+    add_metrics(weighted, {"acc": 0.0, "reward/chosen": (4.0, 1), "margin": (7.0, 0)}, count=2)
+    sums, metrics = reduce_metrics(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), weighted, DistInfo())
+    assert sums.tolist() == [1.0, 2.0, 3.0]
+    assert metrics == {"acc": pytest.approx(4 / 6), "reward/chosen": pytest.approx((6 + 4) / 4)}
