@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from anita.dpo.loss import DISCOPOP_TAU, LOSS_TYPES, check_vector, check_loss_args
+from anita.dpo.loss import DISCOPOP_TAU, LOSS_TYPES, check_loss_args, check_vector
 from anita.dtypes import math_dtype
 from anita.errors import AnitaError
 
