@@ -44,7 +44,7 @@ def chat_format(tok: Tokenizer) -> tuple[str, str | None]:
     if tok.chat_format is not None:
         if all(render(p) == render_llama3(p, True, bos) for p in PROBES):
             return "llama3", None
-        if all(render(p).removeprefix(bos) == render_chatml(p) for p in PROBES):
+        if all(render(p) == render_chatml(p) for p in PROBES):
             text, bare = render([{"role": "user", "content": "U"}]), render_chatml([{"role": "user", "content": "U"}])
             if text == bare:
                 return "chatml", None
