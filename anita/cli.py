@@ -16,6 +16,7 @@ from anita.demo import run_demo
 from anita.dpo import cli as dpo_cli
 from anita.errors import AnitaError
 from anita.eval import cli as eval_cli
+from anita.export import cli as export_cli
 from anita.lora import cli as lora_cli
 from anita.model import cli as model_cli
 from anita.train import cli as train_cli
@@ -36,8 +37,8 @@ def register_demo(sub) -> None:
     p.set_defaults(func=run_demo_command)
 
 
-# generate, convert-gguf / eval / merge / sft / dpo / demo
-REGISTER = [model_cli.register, eval_cli.register, lora_cli.register, train_cli.register, dpo_cli.register,
+# generate, convert-gguf / export-gguf / eval / merge / sft / dpo / demo
+REGISTER = [model_cli.register, export_cli.register, eval_cli.register, lora_cli.register, train_cli.register, dpo_cli.register,
             register_demo]
 
 

@@ -7,12 +7,14 @@ What the conversion undoes (llama.cpp's `convert_hf_to_gguf.py` did the opposite
 - q/k row order: llama.cpp stores q_proj and k_proj rows in Meta's interleaved RoPE layout
   (pairs (2i, 2i+1) rotate together); HF checkpoints, and anita, use "rotate half" (i, i+E/2).
   `unpermute_qk` maps one to the other;
+- Llama 3.1 rope scaling from the `rope_freqs` tensor (`rope_scaling_from_factors`);
 - config from the `llama.*` metadata, tokenizer.json from `tokenizer.ggml.*`, the chat template
   from `tokenizer.chat_template`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -25,7 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from anita.errors import AnitaError
 from anita.model.checkpoint import assign_tensor, save_pretrained
 from anita.model.config import LlamaConfig
-from anita.model.llama import Llama
+from anita.model.llama import Llama, rope_inv_freq
 
 GGUF_TO_HF = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
@@ -65,13 +67,11 @@ def gguf_config(reader, file: Path) -> LlamaConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise AnitaError(f"{file}: architecture {arch!r} is not supported (expected 'llama')")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise AnitaError(f"{file}: rope_freqs (Llama 3.1 rope scaling stored as a tensor) is not supported")
     g = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
     heads = g("attention.head_count")
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     names = {t.name for t in reader.tensors}
-    return LlamaConfig(
+    config = LlamaConfig(
         vocab_size=g("vocab_size", len(tokens)), hidden_size=g("embedding_length"),
         intermediate_size=g("feed_forward_length"), num_hidden_layers=g("block_count"),
         num_attention_heads=heads, num_key_value_heads=g("attention.head_count_kv", heads),
@@ -82,11 +82,38 @@ def gguf_config(reader, file: Path) -> LlamaConfig:
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"), torch_dtype="float32",
     )
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        config.rope_scaling = rope_scaling_from_factors(reader, config, np.asarray(freqs.data, np.float32), file)
+    return config
+
+
+def rope_factors(config: LlamaConfig) -> torch.Tensor:
+    """(E/2,) llama.cpp's `rope_freqs`: what Llama 3.1 scaling divides each inverse frequency by."""
+    plain = dataclasses.replace(config, rope_scaling=None)
+    return (rope_inv_freq(plain).double() / rope_inv_freq(config).double()).float()
+
+
+def rope_scaling_from_factors(reader, config: LlamaConfig, factors: np.ndarray, file: Path) -> dict:
+    """Llama 3.1 scaling from llama.cpp's `rope_freqs` (each inverse frequency's divisor): factor =
+    the largest divisor, Meta's low/high frequency factors 1 and 4, the original context from
+    `llama.rope.scaling.original_context_length` (Meta's 8192 when absent). Refused unless these
+    give back every divisor."""
+    original = _field(reader, "llama.rope.scaling.original_context_length", 8192)
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": int(original)}
+    want = rope_factors(dataclasses.replace(config, rope_scaling=scaling)).numpy()
+    if want.shape != factors.shape or not np.allclose(factors, want, rtol=1e-5, atol=0):
+        raise AnitaError(f"{file}: rope_freqs does not follow Llama 3.1's rope scaling (factor {scaling['factor']}, "
+                         f"low/high frequency factors 1/4, original context {original}); not supported")
+    return scaling
 
 
 def gguf_tensors(reader, config: LlamaConfig, file: Path):
     """Yield (hf_name, fp32 tensor) for every tensor of the file, dequantized and un-permuted."""
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # read into config.rope_scaling by gguf_config
+            continue
         name = hf_name(t.name)
         try:
             array = dequantize(t.data, t.tensor_type)
