@@ -169,17 +169,43 @@ print(json.dumps({"ids": out, "eos": m.token_eos(), "prompt": m.tokenize(sys.arg
 """
 
 
-def test_llama_cpp_greedy_tokens_equal_anitas(smollm2, smollm2_tokenizer, smollm2_exports):
-    """llama.cpp (llama-cpp-python, built in its own venv: $ANITA_LLAMA_CPP_PYTHON) on the f16 export."""
+LLAMA_CPP_FIXTURE = Path(__file__).parent / "fixtures" / "llama_cpp_smollm2_f16.json"
+
+
+def llama_cpp_answer(gguf: Path, ids: list[int], text: str) -> dict | None:
+    """llama.cpp's prompt ids, EOS id and 12 greedy tokens on `gguf` (llama-cpp-python, built in its own
+    venv: $ANITA_LLAMA_CPP_PYTHON, default /tmp/llcpp/bin/python), or None where it is not built."""
     python = os.environ.get("ANITA_LLAMA_CPP_PYTHON", "/tmp/llcpp/bin/python")
     if not Path(python).is_file():
-        pytest.skip("llama-cpp-python not built (set ANITA_LLAMA_CPP_PYTHON)")
-    text = smollm2_tokenizer.render_chat(CHAT, add_generation_prompt=True)
-    ids = smollm2_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
-    run = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, str(smollm2_exports / "smollm2-f16.gguf"), json.dumps(ids), text],
+        return None
+    run = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, str(gguf), json.dumps(ids), text],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["prompt"] == ids and got["eos"] == smollm2_tokenizer.eos_id
-    want = generate(smollm2, ids, max_new_tokens=12, stop_ids=[], temperature=0.0)
-    assert got["ids"] == want
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def check_against_llama_cpp(got: dict, smollm2, tokenizer, ids: list[int]) -> None:
+    assert got["prompt"] == ids and got["eos"] == tokenizer.eos_id
+    assert got["ids"] == generate(smollm2, ids, max_new_tokens=12, stop_ids=[], temperature=0.0)
+
+
+def test_llama_cpp_greedy_tokens_equal_anitas(smollm2, smollm2_tokenizer, smollm2_exports):
+    """llama.cpp on the f16 export tokenizes the chat prompt to anita's ids, has anita's EOS, and
+    decodes the same 12 greedy tokens as anita on the source model; the saved answer is current."""
+    ids = smollm2_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
+    got = llama_cpp_answer(smollm2_exports / "smollm2-f16.gguf", ids,
+                           smollm2_tokenizer.render_chat(CHAT, add_generation_prompt=True))
+    if got is None:
+        pytest.skip("llama-cpp-python not built (set ANITA_LLAMA_CPP_PYTHON)")
+    check_against_llama_cpp(got, smollm2, smollm2_tokenizer, ids)
+    if os.environ.get("ANITA_WRITE_FIXTURES"):
+        LLAMA_CPP_FIXTURE.parent.mkdir(exist_ok=True)
+        LLAMA_CPP_FIXTURE.write_text(json.dumps(got) + "\n")
+    assert json.loads(LLAMA_CPP_FIXTURE.read_text()) == got
+
+
+def test_saved_llama_cpp_answer_equals_anitas(smollm2, smollm2_tokenizer):
+    """The same check without llama.cpp, against its answer saved by
+    `ANITA_WRITE_FIXTURES=1 python -m pytest tests/export -k llama_cpp` where it is built."""
+    ids = smollm2_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
+    check_against_llama_cpp(json.loads(LLAMA_CPP_FIXTURE.read_text()), smollm2, smollm2_tokenizer, ids)
