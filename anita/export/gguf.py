@@ -14,7 +14,6 @@ Shapes: D model dim, H heads, K kv heads, E head dim, V vocab.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from anita.export.ollama import modelfile_text
 from anita.files import atomic_write, write_text
 from anita.lora import load_adapter, merge_lora
 from anita.model import LlamaConfig, Tokenizer, from_pretrained
+from anita.model.config import read_config_json
 from anita.model.gguf import GGUF_TO_HF, rope_factors
 from anita.model.llama import Llama
 
@@ -166,11 +166,6 @@ def export_gguf(model_dir, out, qtype: str = "f16", adapter=None, ollama: bool =
 
 def _check_llama(model_dir: Path) -> None:
     file = model_dir / "config.json"
-    if not file.is_file():
-        raise AnitaError(f"{file}: config.json not found")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AnitaError(f"{file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    raw = read_config_json(file)
     if raw.get("model_type", "llama") != "llama":
         raise AnitaError(f"{file}: model_type {raw['model_type']!r} is not a Llama model (expected 'llama')")

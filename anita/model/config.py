@@ -86,14 +86,7 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise AnitaError(f"{path}: config.json not found")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise AnitaError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The HF `config.json` content (transformers 4.x spelling, which 5.x still reads)."""
@@ -110,6 +103,17 @@ class LlamaConfig:
         if name not in PRESETS:
             raise AnitaError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
+
+
+def read_config_json(path: str | Path) -> dict:
+    """The raw fields of an HF `config.json`; a missing or malformed file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnitaError(f"{path}: config.json not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AnitaError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def _llama31_scaling(factor: float) -> dict:

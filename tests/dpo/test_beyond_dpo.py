@@ -28,25 +28,15 @@ import torch.nn.functional as F
 from anita.dpo import dpo_loss, kto_kl, kto_loss, orpo_log_odds_ratio, orpo_loss, simpo_loss
 from anita.dpo.beyond_dpo import check_preference_args, log1mexp
 from anita.errors import AnitaError
+from tests.dpo.test_loss import _Accelerator, _t
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trl_beyond_dpo.json"
 TOL = dict(rel=1e-6, abs=1e-6)
 
 
-def _t(*xs, dtype=torch.float64):
-    return torch.tensor(xs, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
-# TRL as an oracle
+# TRL as an oracle (the minimal accelerator stand-in of tests/dpo/test_loss.py)
 # ---------------------------------------------------------------------------------------------
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-
-    def gather_for_metrics(self, x):
-        return x
 
 
 def trl_orpo(chosen, rejected, beta):
@@ -174,15 +164,6 @@ def test_matches_trl_fixture():
     assert fixture["trl_version"].startswith("1.16")
     assert {len(fixture[k]) for k in CASES} == {2, 3}
     assert_matches(fixture["inputs"], fixture)
-
-
-@pytest.fixture(scope="module")
-def trl_available():
-    pytest.importorskip("trl")
-    import trl
-
-    if not trl.__version__.startswith("1.16"):
-        pytest.skip(f"the TRL oracle harness targets trl 1.16, found {trl.__version__}")
 
 
 def test_fixture_is_current_trl_output(trl_available):

@@ -226,15 +226,6 @@ def test_rpo_nll_matches_trl_fixture():
     assert rpo_nll(chosen_logps, chosen_mask).item() == pytest.approx(sft["loss"], rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def trl_available():
-    pytest.importorskip("trl")
-    import trl
-
-    if not trl.__version__.startswith("1.16"):
-        pytest.skip(f"the TRL oracle harness targets trl 1.16, found {trl.__version__}")
-
-
 def test_fixture_is_current_trl_output(trl_available):
     """Recomputing the fixture with the installed TRL reproduces the stored numbers."""
     stored, fresh = json.loads(FIXTURE.read_text()), build_fixture()

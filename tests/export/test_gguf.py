@@ -4,7 +4,6 @@ llama.cpp itself (oracles that anita did not write)."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
