@@ -65,6 +65,16 @@ def resolve_backend(backend: str | None, in_features: int, blocksize: int) -> st
     return backend
 
 
+def bnb_quant_state(s: NF4State):
+    """The same state as bitsandbytes' `QuantState` (it holds the same tensors under other names)."""
+    bnbf = import_bitsandbytes().functional
+    state2 = None
+    if s.double_quant:
+        state2 = bnbf.QuantState(absmax=s.absmax_scale, code=s.absmax_code, blocksize=256, dtype=torch.float32)
+    return bnbf.QuantState(absmax=s.absmax, shape=torch.Size(s.shape), code=s.code, blocksize=s.blocksize,
+                           quant_type="nf4", dtype=s.dtype, offset=s.absmax_offset, state2=state2)
+
+
 class Linear4bit(nn.Module):
     """y = x Wᵀ with W (O, I) held in NF4; frozen, bias-free (Llama's linears have no bias)."""
 
@@ -151,16 +161,7 @@ class Linear4bit(nn.Module):
             # is wrong when a block spans two rows of W (I not a multiple of blocksize).
             raise AnitaError(f"Linear4bit: backend 'bnb' on CPU needs in_features ({self.in_features}) to be "
                              f"a multiple of blocksize ({self.blocksize}); use backend='torch' or another blocksize")
-        bnb = import_bitsandbytes()
-        s = self.state
-        state2 = None
-        if s.double_quant:
-            state2 = bnb.functional.QuantState(absmax=s.absmax_scale, code=s.absmax_code, blocksize=256,
-                                               dtype=torch.float32)
-        quant_state = bnb.functional.QuantState(
-            absmax=s.absmax, shape=torch.Size(s.shape), code=s.code, blocksize=s.blocksize, quant_type="nf4",
-            dtype=s.dtype, offset=s.absmax_offset, state2=state2)
-        return bnb.matmul_4bit(x, self.weight, quant_state=quant_state)
+        return import_bitsandbytes().matmul_4bit(x, self.weight, quant_state=bnb_quant_state(self.state))
 
     # ------------------------------------------------------------- moving, saving, loading
     def _apply(self, fn, recurse=True):

@@ -132,8 +132,11 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     1/(its block's absmax) and rounded as `nearest_dynamic_code` does. A block whose values
     all equal the mean has scale 0; bitsandbytes stores code 0 for it, which dequantizes to
     0 · code + offset = offset, the right value.
+
+    The mean is always taken on the CPU: a GPU sums in another order, and one ulp of offset
+    changes scales and codes, so the same weight would get other bytes on another device.
     """
-    offset = absmax.mean()
+    offset = absmax.cpu().mean().to(absmax.device)
     x = absmax - offset
     N1 = x.numel()
     blocks = torch.nn.functional.pad(x, (0, -N1 % ABSMAX_BLOCKSIZE)).view(-1, ABSMAX_BLOCKSIZE)  # (N2, 256)
