@@ -75,7 +75,9 @@ class CheckpointWriteError(AnitaError):
     """A checkpoint file could not be written (a full disk, a file-size limit, a quota)."""
 
     def __init__(self, path, error: Exception):
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        code = re.search(r"os error (\d+)", str(error))  # safetensors' Rust I/O errors carry the errno
+        reason = getattr(error, "strerror", None) or (os.strerror(int(code.group(1))) if code else
+                                                      str(error).splitlines()[0])
         super().__init__(f"could not write {path} ({reason})")
         self.path = path
 
