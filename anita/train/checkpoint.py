@@ -130,6 +130,8 @@ def read_run_file(run_file: Path) -> dict:
         saved = json.loads(run_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise AnitaError(f"{run_file}: not valid JSON (line {e.lineno}: {e.msg}); cannot resume") from None
+    except RecursionError:
+        raise AnitaError(f"{run_file}: JSON nested too deeply; cannot resume") from None
     except UnicodeDecodeError:
         raise AnitaError(f"{run_file}: not UTF-8 text; cannot resume") from None
     if not isinstance(saved, dict):
@@ -297,8 +299,8 @@ def read_json(path: Path) -> dict:
         raise DamagedCheckpoint(f"{path}: missing")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedCheckpoint(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({str(e) or 'nested too deeply'})") from None
     if not isinstance(value, dict):
         raise DamagedCheckpoint(f"{path}: holds a {type(value).__name__}, expected a JSON object")
     return value
@@ -358,6 +360,8 @@ def read_checkpoint(path: Path, model, optimizer, info: DistInfo) -> dict:
         check_optimizer_state(optim_state, optimizer, where)
     except AnitaError as e:
         raise DamagedCheckpoint(str(e)) from None
+    except RecursionError:
+        raise DamagedCheckpoint(f"{where}: nested too deeply") from None
     if not isinstance(scheduler_state, dict):
         raise DamagedCheckpoint(f"{where}: no scheduler state")
     rng = path / rng_file(info.rank)
@@ -405,8 +409,8 @@ def load_latest(out: Path, model, optimizer, scheduler, info: DistInfo) -> tuple
             set_aside(damaged, path, info)
         return step, path
     if damaged:
-        raise AnitaError(f"{out}: no usable checkpoint to resume from; the newest, {damaged[0][1]} "
-                         f"({len(damaged)} checked). Move it away and --resume, or start afresh in another --output")
+        raise AnitaError(f"{out}: no usable checkpoint to resume from ({len(damaged)} checked); the newest, "
+                         f"{damaged[0][1]}. Start afresh in another --output")
     return 0, None
 
 

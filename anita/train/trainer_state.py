@@ -62,7 +62,8 @@ def from_tree(node, tensors: dict[str, torch.Tensor], where: str):
             return node
         raise AnitaError(f"{where}: unexpected value {node!r:.60}")
     if len(node) != 1:
-        raise AnitaError(f"{where}: expected a one-key tag (dict, int_dict, tuple, tensor), got keys {sorted(node)[:4]}")
+        raise AnitaError(f"{where}: expected a one-key tag (dict, int_dict, tuple, tensor), "
+                         f"got keys {sorted(node)[:4]}")
     (tag, value), = node.items()
     if tag == "tensor":
         if not isinstance(value, str) or value not in tensors:
