@@ -93,7 +93,7 @@ def stopped_before_first_checkpoint(out: Path) -> bool:
         return False
     try:
         return isinstance(json.loads((out / RUN_FILE).read_text()), dict)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
 
 
@@ -101,7 +101,8 @@ def clear_early_run(out: Path, info: DistInfo) -> None:
     """Empty a directory left by a run that stopped before its first checkpoint (rank 0)."""
     barrier(info)  # every rank has looked before rank 0 clears
     if info.is_main:
-        logged = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").is_file() else 0
+        metrics = out / "metrics.jsonl"
+        logged = metrics.read_bytes().count(b"\n") if metrics.is_file() else 0  # any bytes: a torn tail too
         print(f"{out}: an earlier run stopped before its first checkpoint; starting afresh (its {logged} "
               "logged records are dropped)", flush=True)
         for p in out.iterdir():

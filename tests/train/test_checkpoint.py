@@ -82,7 +82,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_a_run(tmp_path, r
     checkpoint: the corrected command (changed settings, with or without --resume) starts afresh;
     a file anita did not write keeps the directory refused, and is never deleted."""
     out = prepare_run_dir({"lr": float("nan")}, tmp_path / "run", resume=False, info=DistInfo())
-    (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 1.0}\n')
+    (out / "metrics.jsonl").write_bytes(b'{"step": 0, "eval_loss": 1.0}\n{"st\xff')  # with a torn tail
     (out / "checkpoints" / ".tmp-step-000001").mkdir()
     prepare_run_dir({"lr": 1e-4}, out, resume=resume, info=DistInfo())
     assert "starting afresh" in capsys.readouterr().out
@@ -97,6 +97,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_a_run(tmp_path, r
 @pytest.mark.parametrize("files", [
     {"metrics.jsonl": "{}\n", "checkpoints/epoch=3-step=900.ckpt": "weights"},  # someone else's, no run.json
     {"run.json": "[1, 2]", "metrics.jsonl": "{}\n"},  # not an anita run.json
+    {"run.json": "[" * 100_000 + "]" * 100_000},  # nor this (before: a RecursionError traceback)
     {"run.json": "{}", "checkpoints/mine.txt": "x"},  # checkpoints/ holds more than half-written steps
 ])
 def test_directories_that_are_not_an_unfinished_anita_run_are_never_cleared(tmp_path, files):
