@@ -10,11 +10,12 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from anita.demo import run_demo
 from anita.dpo import cli as dpo_cli
-from anita.errors import AnitaError
+from anita.errors import AnitaError, Interrupted
 from anita.eval import cli as eval_cli
 from anita.export import cli as export_cli
 from anita.lora import cli as lora_cli
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: list[str] | None) -> str:
+    """The command that was run, with --resume added: what continues a stopped run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["anita", *args, *([] if "--resume" in args else ["--resume"])])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"anita: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a run stopped by SIGTERM/SIGINT after saving (anita.train.signals)
+        print(f"anita: {e}\nresume with: {resume_command(argv)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("anita: interrupted", file=sys.stderr)
         return 130

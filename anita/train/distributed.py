@@ -60,8 +60,10 @@ def shutdown(info: DistInfo) -> None:
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The sum of `t` over all processes (a copy; `t` itself is unchanged)."""
     t = t.detach().clone()
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if info.enabled:  # NCCL reduces only tensors on the GPU
+        on_device = t.to(info.device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        t = on_device.to(t.device)
     return t
 
 

@@ -8,6 +8,7 @@ run under torchrun).
         gradients /= the step's total count (over micro-batches and processes)
         clip, stop on a non-finite loss or gradient, optimizer.step(), scheduler.step()
         log; evaluate every eval_steps; checkpoint every save_steps
+        on SIGTERM/SIGINT: checkpoint, export the adapter, raise Interrupted (anita.train.signals)
 
 The contract with the caller:
 - `loss_fn(model, batch)` returns the loss *summed* over the batch's `count` units (trained
@@ -30,21 +31,24 @@ neighbouring files, one job each.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 
 from anita.dtypes import PRECISIONS
-from anita.errors import AnitaError
+from anita.errors import AnitaError, Interrupted
 from anita.runtime import eval_mode
 from anita.train import checkpoint as ckpt
 from anita.train.config import TrainConfig
 from anita.train.distributed import DistInfo, all_reduce_sum, maybe_no_sync, wrap_ddp
 from anita.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory_mb, plot_metrics, progress_bar
 from anita.train.optim import build_optimizer, build_scheduler, optimizer_for, warmup_steps_for
+from anita.train.signals import StopSignals
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -193,11 +197,15 @@ def train_step(runner, data, step: int, params, optimizer, scheduler, cfg: Train
             **metrics}
 
 
+def last_good(last_checkpoint) -> str:
+    return f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+
+
 def check_finite(record: dict, last_checkpoint) -> None:
     """Stop the run on a non-finite loss or gradient, pointing at the last good checkpoint."""
     if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
         return
-    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    where = last_good(last_checkpoint)
     raise AnitaError(f"step {record['step']}: non-finite loss ({record['loss']}) or gradient norm "
                      f"({record['grad_norm']}); training stopped before the update and {where}. "
                      "Lower --lr, check the data, or use --precision fp32, then --resume")
@@ -228,9 +236,8 @@ def build_training(model, cfg: TrainConfig, plan: RunPlan):
 
 
 def resume_point(out, model, optimizer, scheduler, log: MetricsLog, info: DistInfo):
-    """(first step to run, last checkpoint): from the newest checkpoint, or (0, None)."""
-    last = ckpt.latest_checkpoint(out)
-    step = 0 if last is None else ckpt.load_checkpoint(last, model, optimizer, scheduler, info)
+    """(first step to run, last checkpoint): from the newest good checkpoint, or (0, None)."""
+    step, last = ckpt.load_latest(out, model, optimizer, scheduler, info)
     if info.is_main:
         log.truncate_after(step if last is not None else -1)  # later records will be written again
         if last is not None:
@@ -238,10 +245,26 @@ def resume_point(out, model, optimizer, scheduler, log: MetricsLog, info: DistIn
     return step, last
 
 
-def save(out, step, model, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, base_model):
+def save(out, step, model, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, base_model, last=None):
+    """Checkpoint `step`; a write that fails (a full disk) stops the run naming the file and `last`."""
     if not ckpt.adapter_is_finite(model):
         raise AnitaError(f"step {step}: the adapter holds non-finite weights; not saving it. Lower --lr and --resume")
-    return ckpt.save_checkpoint(out, step, model, optimizer, scheduler, info, cfg.keep_checkpoints, base_model)
+    try:
+        return ckpt.save_checkpoint(out, step, model, optimizer, scheduler, info, cfg.keep_checkpoints, base_model)
+    except ckpt.CheckpointWriteError as e:
+        raise AnitaError(f"step {step}: {e}, so checkpoint {step} was not saved; {last_good(last)}. "
+                         "Free some space, then --resume") from None
+
+
+def stop_for_signal(signum: int, done: int, steps: int, last, save_now, out, log: MetricsLog, info: DistInfo,
+                    unit: str):
+    """After SIGTERM/SIGINT: checkpoint step `done` (unless it was just written), export its adapter,
+    and raise `Interrupted` saying where both are."""
+    if last is None or last.name != f"step-{done:06d}":
+        last = save_now()
+    finish_run(out, last, log, info, unit)
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {done} of {steps}: checkpoint {last}, "
+                      f"its adapter in {out / 'adapter'}; --resume continues the run", signum)
 
 
 def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistInfo, out,
@@ -261,23 +284,28 @@ def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistI
     if eval_data is not None and start == 0:
         _log_eval(module, eval_data, 0, cfg, info, log)
     bar = progress_bar(steps, start, cfg.progress and info.is_main)
-    for step in range(start, steps):
-        record = train_step(runner, data, step, params, optimizer, scheduler, cfg, info)
-        check_finite(record, last)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if info.is_main:
-            log.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        done = step + 1
-        if eval_data is not None and (done == steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
-            bar.set_postfix_str(f"step {done}: held-out evaluation")
-            _log_eval(module, eval_data, done, cfg, info, log, say=bar.write)
-        if done == steps or done % cfg.save_steps == 0:
-            bar.set_postfix_str(f"step {done}: writing checkpoint")
-            last = save(out, done, model, optimizer, scheduler, cfg, info, base_model)
+    with StopSignals() as signals:  # SIGTERM/SIGINT: stop after the step, saved (anita.train.signals)
+        for step in range(start, steps):
+            record = train_step(runner, data, step, params, optimizer, scheduler, cfg, info)
+            check_finite(record, last)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if info.is_main:
+                log.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            done = step + 1
+            if eval_data is not None and (done == steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
+                bar.set_postfix_str(f"step {done}: held-out evaluation")
+                _log_eval(module, eval_data, done, cfg, info, log, say=bar.write)
+            save_now = partial(save, out, done, model, optimizer, scheduler, cfg, info, base_model, last)
+            if done == steps or done % cfg.save_steps == 0:
+                bar.set_postfix_str(f"step {done}: writing checkpoint")
+                last = save_now()
+            if done < steps and (signum := signals.requested(info)) is not None:
+                bar.close()
+                stop_for_signal(signum, done, steps, last, save_now, out, log, info, unit)
     bar.close()
     return finish_run(out, last, log, info, unit)
 

@@ -18,6 +18,7 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 from tqdm import tqdm
 
+from anita.errors import AnitaError
 from anita.files import write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -26,19 +27,40 @@ PLOT_FILE = "training_curves.png"
 
 class MetricsLog:
     """Append-only JSON lines; on resume, records after the checkpoint's step are dropped (they
-    will be written again)."""
+    will be written again). A process killed (or a disk filled) during an append leaves a last
+    line cut short: reading drops it and says so; any other unreadable line is an error naming
+    file:line."""
 
     def __init__(self, path):
         self.path = Path(path)
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise AnitaError(f"{self.path}: could not append a record ({e.strerror or e}); free some space, "
+                             "then --resume continues from the last checkpoint") from None
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        records = []
+        for number, line in enumerate(lines, 1):
+            record = parse_record(line)
+            if record is None and number == len(lines):
+                print(f"{self.path}: dropped its last line, cut short by an interrupted append "
+                      f"({line[:40]!r}...)", flush=True)
+                break
+            if record is None:
+                raise AnitaError(f"{self.path}:{number}: not a metrics record (a JSON object with an integer "
+                                 "'step'); fix or delete the line, then --resume")
+            if line.strip():
+                records.append(record)
+        return records
 
     def truncate_after(self, step: int) -> None:
         """Keep the records up to and including `step` (rewritten atomically)."""
@@ -46,6 +68,18 @@ class MetricsLog:
             return
         kept = [r for r in self.read() if r["step"] <= step]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def parse_record(line: str) -> dict | None:
+    """One metrics line as a record, or None if it is not one ({} for a blank line)."""
+    if not line.strip():
+        return {}
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+    return record if ok else None
 
 
 def peak_memory_mb(device: torch.device) -> float:

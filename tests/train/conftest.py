@@ -81,3 +81,16 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
                                   {"role": "assistant", "content": q.upper()[: 3 + i % 7]}]})
     return rows
 
+
+
+@pytest.fixture(scope="session")
+def whole_run(tmp_path_factory, tiny_run_model):
+    """(data, out): the uninterrupted run of tests/train/runs.py that killed, stopped and damaged
+    runs must equal once resumed."""
+    from anita.cli import main
+    from tests.train.runs import sft_args
+
+    tmp = tmp_path_factory.mktemp("whole-run")
+    data = write_jsonl(tmp / "train.jsonl", chat_rows(16))  # 4 steps per epoch: 4 epochs
+    assert main(sft_args(tiny_run_model, data, tmp / "whole")) == 0
+    return data, tmp / "whole"
