@@ -8,8 +8,10 @@ it in a fresh process. The steps mirror `hf_side.py` setting for setting:
 - SFT (QLoRA): `from_pretrained(dir, quantize="nf4")` (NF4, double quantization),
   `apply_lora` with r / alpha on the seven projections, `model.gradient_checkpointing = True`,
   and `anita.train.loss.sft_loss` (chunked log-probs, no [B, T, V] logits); AdamW.
-- DPO: the same model and `anita.dpo.trainer.dpo_step`: one policy forward over [chosen; rejected],
-  the reference = the same model with LoRA off (`anita.dpo.reference.AdaptersOff`), sigmoid loss.
+- DPO: the same model and `anita.dpo.trainer.dpo_step`: one policy forward over the batch in the
+  layout `Workload.dpo_layout` names (TRL's two rows [prompt; chosen], [prompt; rejected] per pair,
+  one shared-prompt row [prompt; chosen; rejected] per pair, or all pairs packed in one row), the
+  reference = the same model with LoRA off (`anita.dpo.reference.AdaptersOff`), sigmoid loss.
 
 Shapes: B batch, T sequence length, P prompt length.
 """
@@ -99,8 +101,7 @@ def dpo_step(path, w: Workload):
 
     model, opt = qlora_model(path, w)
     chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
-    batch = {"input_ids": torch.cat([chosen, rejected]).to(w.device),  # (2B, T): [chosen; rejected]
-             "completion_mask": torch.cat([completion, completion]).to(w.device)}
+    batch = {k: v.to(w.device) for k, v in dpo_batch(chosen, rejected, completion, w.dpo_layout).items()}
     settings, reference = DPOSettings(beta=w.beta), AdaptersOff()
     info = {}
 
@@ -113,3 +114,20 @@ def dpo_step(path, w: Workload):
         info["loss"] = loss.item()
 
     return step, info
+
+
+def dpo_batch(chosen: torch.Tensor, rejected: torch.Tensor, completion: torch.Tensor, layout: str) -> dict:
+    """The B pairs of `preference_batch` (chosen, rejected, completion mask (B, T)) collated by anita
+    in `layout`: "two-row" (2B rows), "shared" (B rows [prompt; chosen; rejected]) or "packed" (1 row)."""
+    from anita.dpo.data import PreferencePair, collate_pairs, collate_shared
+
+    pairs = []
+    for c, r, m in zip(chosen.tolist(), rejected.tolist(), completion.tolist()):
+        start = m.index(1)  # the answer starts here, the prompt is the same in both rows
+        pairs.append(PreferencePair(0, tuple(c[:start]), tuple(c[start:]), tuple(r[start:])))
+    if layout == "two-row":
+        return collate_pairs(pairs, pad_id=0)
+    rows = [list(range(len(pairs)))] if layout == "packed" else [[i] for i in range(len(pairs))]
+    if layout not in ("shared", "packed"):
+        raise ValueError(f"unknown dpo_layout {layout!r}: expected two-row, shared or packed")
+    return collate_shared(rows, pairs, pad_id=0)

@@ -56,6 +56,10 @@ class Workload:
     lora_alpha: float = 8.0  # the SFT recipe's 16 / 8
     beta: float = 0.1
     gradient_checkpointing: bool = True
+    # anita's DPO batch layout (anita.dpo.data): "shared" = one row [prompt; chosen; rejected] per pair
+    # (anita dpo's default), "packed" = all B pairs in one padding-free row, "two-row" = TRL's layout.
+    # tok/s counts the two-row tokens (2·B·T) on every layout, so the ratio compares pairs per second.
+    dpo_layout: str = "shared"
     warmup: int = 1
     repeats: int = 3
     threads: int = 1  # torch threads per worker; the 2 shared cores make 2-thread numbers swing 2-3x

@@ -94,7 +94,7 @@ def job_label(job: str, w: Workload) -> str:
         return f"forward/prefill {dtype}, B={w.batch} T={w.seq_len}"
     if bench == "decode":
         return f"greedy decode {w.decode_dtype}, B={w.decode_batch} P={w.decode_prompt} N={w.decode_new}"
-    what = "QLoRA SFT step" if bench == "sft" else "DPO step (B pairs)"
+    what = "QLoRA SFT step" if bench == "sft" else f"DPO step (B pairs, anita {w.dpo_layout} rows)"
     return f"{what} {w.train_dtype}, B={w.batch} T={w.seq_len}, r={w.lora_r}, ckpt={'on' if w.gradient_checkpointing else 'off'}"
 
 
@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-dtype", dest="train_dtype", choices=("float32", "bfloat16"),
                    help="dtype of the SFT/DPO steps (activations, NF4 compute, unquantized weights)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--dpo-layout", dest="dpo_layout", choices=("shared", "packed", "two-row"),
+                   help="anita's DPO batch layout (default shared, as `anita dpo`; two-row is TRL's)")
     p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "JOB"), help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
         return 0
 
     w = default_workload(args.device, args.quick)
-    for name in ("repeats", "threads", "model", "clock", "train_dtype"):
+    for name in ("repeats", "threads", "model", "clock", "train_dtype", "dpo_layout"):
         if getattr(args, name) is not None:
             setattr(w, name, getattr(args, name))
     benches = [b for b in args.only.split(",") if b]

@@ -48,14 +48,18 @@ class DPOConfig(TrainConfig):
                                            "(default: $ANITA_CACHE/dpo-reference)")
     rpo_alpha: float | None = flag(None, "weight of the chosen answers' NLL added to the loss (RPO; for orpo its "
                                          "L_SFT term, 1 by default); none by default")
+    shared_prompt: bool = flag(True, "lay each pair out as one row [prompt; chosen; rejected], so the prompt is "
+                                     "computed once (same log-probs as two rows; docs/dpo.md); --no-shared-prompt: "
+                                     "TRL's two rows [prompt; chosen], [prompt; rejected]. Not for kto")
     max_prompt_length: int | None = flag(None, "prompt tokens kept (from its start) when prompt + answer is too long; "
                                                "default none, as TRL 1.16: the prompt is kept whole and the "
                                                "answers cut to fit max_length")
 
     def validate(self, source: str = "config", given: set[str] = frozenset()) -> "DPOConfig":
         super().validate(source, given)
-        if self.packing:
-            raise AnitaError(f"{source}: 'packing' is not supported by DPO (each pair is one row)")
+        if self.packing and not (self.shared_prompt and self.max_tokens):
+            raise AnitaError(f"{source}: DPO 'packing' fills padding-free rows of the shared-prompt layout up to "
+                             "'max_tokens': set --max-tokens and keep --shared-prompt")
         try:
             check_preference_args(self.loss, self.beta, label_smoothing=self.label_smoothing,
                                   discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma,
@@ -66,7 +70,7 @@ class DPOConfig(TrainConfig):
             raise AnitaError(f"{source}: discopop_tau is only used by loss 'discopop', not {self.loss!r}")
         if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
             raise AnitaError(f"{source}: 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
-        self._validate_beyond_dpo(source)
+        self._validate_beyond_dpo(source, given)
         if self.reference == "adapters-off" and self.adapter:
             raise AnitaError(f"{source}: --reference adapters-off with --adapter would score the policy against "
                              "the bare base, not the SFT model it starts from; use --reference adapter")
@@ -77,7 +81,7 @@ class DPOConfig(TrainConfig):
                              f"got {self.max_prompt_length}")
         return self
 
-    def _validate_beyond_dpo(self, source: str) -> None:
+    def _validate_beyond_dpo(self, source: str, given: set[str] = frozenset()) -> None:
         """ORPO and SimPO take no reference; KTO needs one computed live, mismatched pairs and no RPO term."""
         if self.loss in REFERENCE_FREE and self.reference not in ("auto", "none"):
             raise AnitaError(f"{source}: --loss {self.loss} uses no reference model; drop --reference {self.reference}")
@@ -91,6 +95,10 @@ class DPOConfig(TrainConfig):
                              "formed within each shuffled micro-batch (anita/dpo/unpaired.py)")
         if self.rpo_alpha is not None:
             raise AnitaError(f"{source}: 'rpo_alpha' (an NLL of the chosen answers) does not apply to --loss kto")
+        unpaired = [n for n in ("packing", "max_tokens", "shared_prompt") if n in given]
+        if unpaired:
+            raise AnitaError(f"{source}: {', '.join(unpaired)}: --loss kto batches unpaired rows two-row style "
+                             "(matched and mismatched, anita/dpo/unpaired.py); drop them")
         if self.batch_size < 2:
             raise AnitaError(f"{source}: --loss kto needs batch_size >= 2 to form mismatched pairs (TRL's rule), "
                              f"got {self.batch_size}")

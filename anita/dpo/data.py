@@ -16,8 +16,18 @@ that is still too long, each answer keeps its first `max_length - len(prompt)` t
 `max_length - max_prompt_length`, which wastes the budget of a short prompt). A row where no answer
 token would survive is dropped, counted and reported, never trained on silently.
 
-Batches follow TRL's `DataCollatorForPreference`: B pairs become 2B right-padded rows, the B
-prompt+chosen rows first, then the B prompt+rejected rows, with a completion mask (1 on answer tokens).
+Two batch layouts, giving the same log-probs (tests/dpo/test_shared_prompt.py):
+- two-row (`collate_pairs`, the plain one): TRL's `DataCollatorForPreference`: B pairs become 2B
+  right-padded rows, the B prompt+chosen rows first, then the B prompt+rejected rows, with a
+  completion mask (1 on answer tokens). Every prompt is computed twice.
+- shared-prompt (`collate_shared`, the default of `anita dpo`): one row per pair laid out
+  [prompt; chosen; rejected], or with packing several pairs in one padding-free row, described per
+  token by segment / branch / position ids (`anita.model.masks`): each answer attends to its prompt
+  and to itself, never to the other answer, and both answers' positions go on from the prompt's end
+  (Wang et al. 2024, "Accelerating DPO with Prefix Sharing", arXiv 2410.20305). Each prompt is
+  computed once. docs/dpo.md draws the layout.
+Micro-batches hold `batch_size` pairs, or with `max_tokens` as many as fit that many tokens
+(`anita.train.data.budget_batches`: length-grouped, fixed composition, order drawn per epoch).
 
 Shapes: B batch (pairs), T time (tokens).
 """
@@ -34,7 +44,7 @@ import torch
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
 from anita.model.tokenizer import common_prefix_length
-from anita.train.data import EpochBatches
+from anita.train.data import EpochBatches, check_budget, fixed_budget_batches
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -225,28 +235,96 @@ def pad_rows(rows: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+# Branch ids of the shared-prompt layout (anita.model.masks): the shared prompt and the two answers.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+def shared_row(pair: PreferencePair, segment: int, start: int) -> dict[str, list[int]]:
+    """One pair as [prompt; chosen; rejected] at offset `start` of a row: per-token lists of ids,
+    positions (each answer continues from the prompt's end), segment, branch, and `source`, the row
+    index of the token that predicts this one (the previous token of the same answer, or the
+    prompt's last token for an answer's first token; -1 for prompt tokens, which are not scored)."""
+    P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    last_prompt = start + P - 1 if P else -1
+
+    def sources(first: int, n: int) -> list[int]:  # the answer that starts at row index `first`
+        return [last_prompt] + [first + j - 1 for j in range(1, n)] if n else []
+
+    return {"input_ids": list(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids),
+            "position_ids": list(range(P)) + list(range(P, P + C)) + list(range(P, P + R)),
+            "segment": [segment] * (P + C + R),
+            "branch": [PROMPT] * P + [CHOSEN] * C + [REJECTED] * R,
+            "source": [-1] * P + sources(start + P, C) + sources(start + P + C, R)}
+
+
+def collate_shared(rows: list[list[int]], pairs: list[PreferencePair], pad_id: int) -> dict:
+    """Rows of pair indices (into `pairs`) -> the shared-prompt batch, right-padded to the longest row.
+
+    input_ids, position_ids, segment, branch, source [N, T] (N rows; segment: the pair's place
+    0..B-1 in `index`, -1 on padding; branch: PROMPT, CHOSEN, REJECTED); `index` [B], the pairs'
+    indices in their data set, in segment order; `num_tokens`, the real tokens.
+    """
+    index = [i for row in rows for i in row]
+    built, segment = [], 0
+    for row in rows:
+        parts = {}
+        for i in row:
+            part = shared_row(pairs[i], segment, len(parts.get("input_ids", ())))
+            parts = {k: parts.get(k, []) + v for k, v in part.items()}
+            segment += 1
+        built.append(parts)
+    T = max(len(parts["input_ids"]) for parts in built)
+    fill = {"input_ids": pad_id, "position_ids": 0, "segment": -1, "branch": -1, "source": -1}
+    batch = {k: torch.tensor([parts[k] + [v] * (T - len(parts[k])) for parts in built], dtype=torch.long)
+             for k, v in fill.items()}  # [N, T] each
+    return {**batch, "index": torch.tensor(index, dtype=torch.long), "num_tokens": (batch["segment"] >= 0).sum()}
+
+
+def pair_length(pair: PreferencePair, shared_prompt: bool) -> int:
+    """Tokens a pair takes in a batch: [prompt; chosen; rejected] once, or two rows of the longer answer."""
+    P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    return P + C + R if shared_prompt else 2 * (P + max(C, R))
+
+
 class PreferenceBatches(EpochBatches):
     """DPO's micro-batches on the shared loop's contract (`anita.train.data.EpochBatches`): each
     epoch's pairs (shuffled with seed + epoch, or in file order) in micro-batches of `batch_size`
-    pairs (the last may be smaller), collated by `collate_pairs`.
+    pairs (the last may be smaller), or with `max_tokens` the token-budget batches of
+    `fixed_budget_batches` (with `packing`, one padding-free row each) in an order drawn per epoch.
+    Collated by `collate_pairs` (two rows per pair) or, with `shared_prompt`, `collate_shared`.
 
     With `ref_logps` = (chosen [N], rejected [N]), precomputed reference log-probs indexed like
     `data.pairs`, each batch also carries its pairs' `ref_chosen_logps` and `ref_rejected_logps` [B].
     """
 
     def __init__(self, data: PreferenceData, batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
-                 ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None, shared_prompt: bool = False,
+                 packing: bool = False, max_tokens: int | None = None):
         if ref_logps is not None and any(len(t) != len(data.pairs) for t in ref_logps):
             raise AnitaError(f"{data.path}: {len(data.pairs)} pairs but the reference log-prob table has "
                              f"{len(ref_logps[0])} rows")
+        if packing and not (shared_prompt and max_tokens):
+            raise AnitaError("DPO packing needs the shared-prompt layout and a token budget (--max-tokens)")
         self.pairs, self.batch_size, self.pad_id, self.ref_logps = data.pairs, batch_size, pad_id, ref_logps
-        super().__init__(len(self.pairs), seed, shuffle)
+        self.shared_prompt, self.budget = shared_prompt, None
+        if max_tokens is not None:
+            lengths = [pair_length(p, shared_prompt) for p in self.pairs]
+            check_budget(lengths, max_tokens, lambda i: f"{data.path}:{self.pairs[i].line}: this pair")
+            self.budget = fixed_budget_batches(lengths, max_tokens, packing, seed, shuffle)
+        super().__init__(len(self.pairs) if self.budget is None else len(self.budget), seed, shuffle)
 
-    def split_epoch(self, order: list[int]) -> list[list[int]]:
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    def split_epoch(self, order: list[int]) -> list[list[list[int]]]:
+        """Micro-batches as rows of pair indices (the two-row layout flattens them)."""
+        if self.budget is not None:
+            return [self.budget[i] for i in order]
+        return [[[i] for i in order[j:j + self.batch_size]] for j in range(0, len(order), self.batch_size)]
 
-    def make_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate_pairs([self.pairs[j] for j in indices], self.pad_id, indices)
+    def make_batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        indices = [i for row in rows for i in row]
+        if self.shared_prompt:
+            batch = collate_shared(rows, self.pairs, self.pad_id)
+        else:
+            batch = collate_pairs([self.pairs[j] for j in indices], self.pad_id, indices)
         if self.ref_logps is not None:
             batch["ref_chosen_logps"] = self.ref_logps[0][indices]  # [B]
             batch["ref_rejected_logps"] = self.ref_logps[1][indices]  # [B]

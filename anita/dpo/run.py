@@ -85,13 +85,15 @@ def read_datasets(cfg: DPOConfig, tokenizer) -> list:
     return [read(path, tokenizer, **kw) for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])]
 
 
-def make_batches(cfg: DPOConfig, data, pad_id: int, train: bool):
-    """Micro-batches of one data set; the held-out set in file order, except KTO's: unpaired from
-    pairs it lists every desirable example first, so it is shuffled (with the run's fixed seed) to
-    give each batch both kinds and mismatched pairs from both."""
+def make_batches(cfg: DPOConfig, data, pad_id: int, train: bool, ref_logps=None):
+    """Micro-batches of one data set (with `ref_logps`, carrying the precomputed reference); the
+    held-out set in file order, except KTO's: unpaired from pairs it lists every desirable example
+    first, so it is shuffled (with the run's fixed seed) to give each batch both kinds and mismatched
+    pairs from both."""
     if cfg.loss == "kto":
         return UnpairedBatches(data, cfg.batch_size, pad_id, cfg.max_length, seed=cfg.seed, shuffle=True)
-    return PreferenceBatches(data, cfg.batch_size, pad_id, seed=cfg.seed, shuffle=train)
+    return PreferenceBatches(data, cfg.batch_size, pad_id, seed=cfg.seed, shuffle=train, ref_logps=ref_logps,
+                             shared_prompt=cfg.shared_prompt, packing=cfg.packing, max_tokens=cfg.max_tokens)
 
 
 def run_dpo(cfg: DPOConfig) -> list[dict]:
@@ -105,8 +107,10 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
         plan = plan_run(cfg, batches[0].per_epoch, info,  # too little data for a step fails here
                         batches[1].per_epoch if len(batches) > 1 else None)
         if info.is_main:
+            layout = "" if cfg.loss == "kto" else \
+                f", {'shared-prompt' if cfg.shared_prompt else 'two-row'}{' packed' if cfg.packing else ''} batches"
             print(f"anita dpo: {describe(plan, cfg, info, 'examples' if cfg.loss == 'kto' else 'pairs')}; "
-                  f"{cfg.loss} loss, beta {cfg.beta:g}, reference {cfg.reference_kind()}", flush=True)
+                  f"{cfg.loss} loss, beta {cfg.beta:g}, reference {cfg.reference_kind()}{layout}", flush=True)
             for label, data in zip(("training data", "held-out data"), datasets):
                 print(f"{label}: {data.summary()}", flush=True)
         out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info,
@@ -116,8 +120,8 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
             print(report, flush=True)
         if cfg.reference_kind() == "precomputed":
             tables = precomputed_tables(model, cfg, list(zip(datasets, batches)), info)
-            batches = [PreferenceBatches(d, cfg.batch_size, tokenizer.pad_id, seed=cfg.seed, shuffle=i == 0,
-                                         ref_logps=t) for i, (d, t) in enumerate(zip(datasets, tables))]
+            batches = [make_batches(cfg, d, tokenizer.pad_id, train=i == 0, ref_logps=t)
+                       for i, (d, t) in enumerate(zip(datasets, tables))]
         objective = DPOObjective(dpo_settings(cfg), build_reference(model, cfg))
         eval_batches = batches[1] if len(batches) > 1 else None
         records = train(model, objective, batches[0], cfg, info, out, eval_batches, base_model=cfg.model,

@@ -109,6 +109,26 @@ class KVCache(nn.Module):
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, E) each
 
 
+# ---------------------------------------------------------------------------- attention
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q kᵀ / √E + mask) v through SDPA: q (B, H, T, E), k and v (B, K, S, E) -> (B, H, T, E).
+
+    Each group of H/K query heads shares one kv head (GQA); SDPA broadcasts it (`enable_gqa`).
+    With no mask, plain causal attention (FlashAttention on CUDA, SDPA's flash kernel on CPU). With
+    a boolean mask (padding, packed or prefix-shared rows, `anita.model.masks`), the CPU flash
+    kernel takes the mask as it is. On CUDA FlashAttention takes no mask, so the kernel to run is the
+    memory-efficient one (any mask, forward and backward, O(T) memory), not the math fallback that
+    keeps the (B, H, T, S) weights; some torch versions' efficient kernel refuses grouped kv heads,
+    so there k and v are expanded to H heads first: a (B, H, S, E) copy, small beside those weights.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if mask is not None and gqa and q.is_cuda:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, E)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
 # ------------------------------------------------------------------------------- blocks
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
@@ -128,9 +148,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, E)
-        # Each group of H/K query heads shares one kv head (GQA); SDPA broadcasts it for us.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.K != self.H)  # (B, H, T, E)
+        y = attend(q, k, v, mask)  # (B, H, T, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.E))  # (B, T, D)
 
 

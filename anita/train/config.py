@@ -70,7 +70,11 @@ class TrainConfig:
     device: str = flag("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
     # ------------------------------------------------------------------------------- data
     max_length: int = flag(1024, "longest sequence in tokens; longer rows are cut at the end (TRL's default)")
-    packing: bool = flag(False, "pack several examples into each row (attention never crosses them)")
+    packing: bool = flag(False, "pack several examples into each row (attention never crosses them); with "
+                                "--max-tokens each micro-batch is one padding-free row")
+    max_tokens: int | None = flag(None, "build micro-batches by a token budget instead of --batch-size: at most N "
+                                        "tokens each counting padding, examples of similar length together; "
+                                        "default: batch_size rows")
     skip_bad_rows: bool = flag(False, "skip and count malformed rows instead of stopping at the first one")
     # ----------------------------------------------------------------------- optimisation
     optimizer: str = flag("adamw", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes; paged only on CUDA, "
@@ -104,7 +108,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise AnitaError(f"{source}: {name!r} is required (flag --{name.replace('_', '-')})")
         positive = ("lora_r", "max_length", "batch_size", "grad_accum", "epochs", "chunk_size", "save_steps",
-                    "keep_checkpoints", "max_steps", "eval_steps")
+                    "keep_checkpoints", "max_steps", "eval_steps", "max_tokens")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -124,6 +128,9 @@ class TrainConfig:
                 raise AnitaError(f"{source}: {f.name!r} must be one of {', '.join(choices)}, got {value!r}")
         if not self.targets:
             raise AnitaError(f"{source}: 'targets' must name at least one module")
+        if self.max_tokens is not None and "batch_size" in given:
+            raise AnitaError(f"{source}: set either 'batch_size' (rows per micro-batch) or 'max_tokens' (a token "
+                             "budget per micro-batch), not both")
         if self.adapter:
             unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
             if unused:

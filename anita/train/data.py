@@ -13,7 +13,14 @@ the end-of-sequence token appended, as TRL's SFTTrainer does.
 Labels are shifted at load time, per example (`labels[t]` is the token position t predicts, or
 IGNORE_INDEX), so that packing never asks the last token of one example to predict the first
 token of the next. Packing puts consecutive examples (of the shuffled order) in one row while they
-fit; positions restart at 0 for each example and a block-diagonal mask keeps attention inside it.
+fit; positions restart at 0 for each example and a block-diagonal mask keeps attention inside it
+(`anita.model.masks.segment_mask`).
+
+Batches hold `batch_size` rows by default. With a token budget (`max_tokens`) they are built by
+`budget_batches` instead: length-grouped, at most max_tokens tokens each counting padding, and with
+packing one padding-free row each. Their composition is drawn once from the seed and each epoch
+shuffles their order (fairseq's `batch_by_size` scheme), so the number per epoch is fixed and a
+resumed run finds batch i by its index as before.
 
 Shapes: B rows per micro-batch, T tokens per row.
 """
@@ -27,6 +34,7 @@ import torch
 
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
+from anita.model.masks import segment_mask
 from anita.model.logprobs import IGNORE_INDEX, next_token_labels
 from anita.model.tokenizer import common_prefix_length
 
@@ -225,9 +233,64 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     if max(len(row) for row in rows) == 1:
         attention_mask = (segment >= 0).long()  # (B, T)
     else:
-        attention_mask = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, None, :]  # (B, T, T)
+        attention_mask = segment_mask(segment, torch.zeros_like(segment))  # (B, T, T) block-diagonal
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "attention_mask": attention_mask, "num_tokens": torch.tensor(int((segment >= 0).sum()))}
+
+
+LENGTH_GROUP_WINDOW = 256  # items sorted by length together (as HF's group_by_length sorts its "megabatches")
+
+
+def budget_batches(lengths: list[int], order: list[int], max_tokens: int, packing: bool,
+                   window: int = LENGTH_GROUP_WINDOW) -> list[list[list[int]]]:
+    """Items (lengths in tokens, taken in `order`) -> micro-batches, each a list of rows of item
+    indices holding at most `max_tokens` tokens counting padding (rows × longest row).
+
+    Length grouping: `order` is cut into windows of `window` items, each sorted longest first
+    (stable), so a micro-batch holds items of similar length. Without packing each item is a row
+    and a micro-batch takes rows while they fit; with packing a micro-batch is one row, filled
+    first-fit (each item goes to the first row of its window with room for it): no padding at all.
+    Every item must fit alone (`check_budget`).
+    """
+    batches = []
+    for start in range(0, len(order), window):
+        items = sorted(order[start:start + window], key=lambda i: -lengths[i])  # (n,) longest first
+        if packing:
+            rows, used = [], []
+            for i in items:
+                r = next((r for r, u in enumerate(used) if u + lengths[i] <= max_tokens), len(rows))
+                if r == len(rows):
+                    rows.append([])
+                    used.append(0)
+                rows[r].append(i)
+                used[r] += lengths[i]
+            batches += [[row] for row in rows]
+            continue
+        batch: list[list[int]] = []
+        for i in items:  # longest first: a batch's first row is its longest, the length all are padded to
+            if batch and (len(batch) + 1) * lengths[batch[0][0]] > max_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append([i])
+        batches += [batch] if batch else []
+    return batches
+
+
+def check_budget(lengths: list[int], max_tokens: int, what) -> None:
+    """AnitaError naming the first item longer than the token budget (`what(i)` describes item i)."""
+    too_long = next((i for i, n in enumerate(lengths) if n > max_tokens), None)
+    if too_long is not None:
+        raise AnitaError(f"{what(too_long)} takes {lengths[too_long]} tokens, more than --max-tokens {max_tokens}; "
+                         "raise --max-tokens or lower --max-length")
+
+
+def fixed_budget_batches(lengths: list[int], max_tokens: int, packing: bool, seed: int,
+                         shuffle: bool) -> list[list[list[int]]]:
+    """`budget_batches` of the items in a seeded random order (file order if not shuffled): the
+    composition every epoch shares; `EpochBatches` then orders these batches per epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist() if shuffle else list(range(len(lengths)))
+    return budget_batches(lengths, order, max_tokens, packing)
 
 
 class EpochBatches:
@@ -275,16 +338,23 @@ class EpochBatches:
 
 class MicroBatches(EpochBatches):
     """SFT's micro-batches: each epoch's examples grouped into rows (`pack_rows`), the rows into
-    micro-batches of `batch_size` rows, each made into tensors by `collate`."""
+    micro-batches of `batch_size` rows, each made into tensors by `collate`; or, with `max_tokens`,
+    the token-budget batches of `fixed_budget_batches` in an order drawn per epoch."""
 
     def __init__(self, examples: list[Example], batch_size: int, max_length: int, packing: bool,
-                 pad_id: int, seed: int = 0, shuffle: bool = True):
+                 pad_id: int, seed: int = 0, shuffle: bool = True, max_tokens: int | None = None):
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
         self.packing, self.pad_id = packing, pad_id
         self._lengths = [len(e.input_ids) for e in examples]
-        super().__init__(len(examples), seed, shuffle)
+        self.budget = None  # with max_tokens: the fixed micro-batches, which each epoch orders
+        if max_tokens is not None:
+            check_budget(self._lengths, max_tokens, lambda i: f"example {i}")
+            self.budget = fixed_budget_batches(self._lengths, max_tokens, packing, seed, shuffle)
+        super().__init__(len(examples) if self.budget is None else len(self.budget), seed, shuffle)
 
     def split_epoch(self, order: list[int]) -> list[list[list[int]]]:
+        if self.budget is not None:
+            return [self.budget[i] for i in order]
         rows = pack_rows(self._lengths, order, self.max_length, self.packing)
         return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 

@@ -101,10 +101,13 @@ def describe(plan: RunPlan, cfg: TrainConfig, info: DistInfo, unit: str) -> str:
     """One line (plus a warning line when warm-up fills the run): the batch, steps, schedule,
     optimizer, lengths and model a run will use, so that nothing about it is a surprise."""
     batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    per_micro_batch = f"{cfg.batch_size} per micro-batch"
+    if cfg.max_tokens is not None:  # a token budget: the number of units per micro-batch varies
+        batch, per_micro_batch = "token-budget batches of", f"at most {cfg.max_tokens} tokens per micro-batch"
     model = "NF4 base (QLoRA)" if cfg.qlora else "full-precision base"
     adapter = f"the adapter {cfg.adapter}" if cfg.adapter else f"a fresh LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g}"
     optimizer = plan.optimizer + (f" ({cfg.optimizer} pages only on CUDA)" if plan.optimizer != cfg.optimizer else "")
-    line = (f"{plan.steps} steps of {batch} {unit} ({cfg.batch_size} per micro-batch x {cfg.grad_accum} accumulated "
+    line = (f"{plan.steps} steps of {batch} {unit} ({per_micro_batch} x {cfg.grad_accum} accumulated "
             f"x {info.world_size} process(es); {plan.per_epoch} micro-batches per epoch); warm-up {plan.warmup} "
             f"steps, then {cfg.scheduler}; {optimizer}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
             f"max_length {cfg.max_length}; {model} with {adapter}; {cfg.precision}")

@@ -22,7 +22,7 @@ def load_data(path, tokenizer, cfg: TrainConfig, shuffle: bool) -> tuple[MicroBa
     """The micro-batches of one JSONL file and the line that summarises its rows."""
     examples, report = load_examples(path, tokenizer, cfg.max_length, cfg.skip_bad_rows)
     batches = MicroBatches(examples, cfg.batch_size, cfg.max_length, cfg.packing, tokenizer.pad_id,
-                           seed=cfg.seed, shuffle=shuffle)
+                           seed=cfg.seed, shuffle=shuffle, max_tokens=cfg.max_tokens)
     return batches, report.summary()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from anita.errors import AnitaError
 from anita.model.logprobs import IGNORE_INDEX as X
-from anita.train.data import MicroBatches, collate, load_examples, make_example, pack_rows
+from anita.train.data import MicroBatches, budget_batches, collate, load_examples, make_example, pack_rows
 from tests.train.conftest import write_jsonl
 
 BOT, EOS, SH, EH, EOT = 256, 257, 258, 259, 260
@@ -147,3 +147,56 @@ def test_micro_batch_stream_is_deterministic_and_reshuffled_per_epoch():
     assert [again[i]["input_ids"][:, 0].tolist() for i in (4, 0)] == [epoch1[1], epoch0[0]]  # random access
     in_order = MicroBatches(examples, 2, 10, False, 0, shuffle=False)
     assert [b["input_ids"][:, 0].tolist() for b in in_order] == [[0, 1], [2, 3], [4, 5]]
+
+
+# ------------------------------------------------------------------------ token-budget batches
+def test_budget_batches_group_by_length_within_windows_and_fill_the_budget():
+    """Worked by hand. lengths 3 4 2 5 1 6 in order, budget 10, windows of 3 items:
+    window [3, 4, 2] sorted longest first 4 3 2: rows [1], [0] cost 2·4 = 8; + [2] would be 3·4 = 12 > 10;
+    window [5, 1, 6] -> 6 5 1: [5] alone (2·6 = 12 > 10), then [3], [4] cost 2·5 = 10.
+    Packing first-fit into rows of at most 10: window 1 -> 4 + 3 + 2 = 9 in one row; window 2 ->
+    6 (row a), 5 (6 + 5 > 10: row b), 1 (fits row a)."""
+    lengths, order = [3, 4, 2, 5, 1, 6], [0, 1, 2, 3, 4, 5]
+    assert budget_batches(lengths, order, 10, packing=False, window=3) == [[[1], [0]], [[2]], [[5]], [[3], [4]]]
+    assert budget_batches(lengths, order, 10, packing=True, window=3) == [[[1, 0, 2]], [[5, 4]], [[3]]]
+
+
+def sft_examples(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 12, (n,), generator=g).tolist()
+    return [make_example(list(range(1, k + 1)), [1] * k, 16)[0] for k in lengths]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_token_budget_micro_batches_respect_the_budget_and_see_every_example_once(packing):
+    examples = sft_examples(50)
+    stream = MicroBatches(examples, batch_size=1, max_length=16, packing=packing, pad_id=0, seed=2, max_tokens=24)
+    total = sum(len(e.input_ids) for e in examples)
+    for epoch in range(2):
+        tokens = 0
+        for i in range(epoch * stream.per_epoch, (epoch + 1) * stream.per_epoch):
+            batch = stream[i]
+            assert batch["input_ids"].numel() <= 24
+            if packing:  # one padding-free row; positions restart at every example
+                assert batch["input_ids"].shape[0] == 1 and batch["num_tokens"] == batch["input_ids"].numel()
+                starts = (batch["position_ids"][0] == 0).sum().item()
+                assert batch["attention_mask"].dim() == 3 or starts == 1
+            tokens += batch["num_tokens"].item()
+        assert tokens == total  # every example once per epoch; num_tokens counts real tokens only
+
+
+def test_token_budget_stream_is_deterministic_resumable_and_reordered_per_epoch():
+    examples = sft_examples(40, seed=1)
+    make = lambda seed=5: MicroBatches(examples, 1, 16, True, 0, seed=seed, max_tokens=32)  # noqa: E731
+    a, b = make(), make()
+    n = a.per_epoch
+    for i in (0, n - 1, n + 1, 4 * n + 2):  # a fresh object finds any micro-batch by its index
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"])
+    epoch0, epoch1 = ([a[i]["input_ids"].tolist() for i in range(k * n, (k + 1) * n)] for k in (0, 1))
+    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1)  # same batches, another order
+    assert [make(6)[i]["input_ids"].tolist() for i in range(n)] != epoch0
+
+
+def test_an_example_longer_than_the_budget_is_an_error():
+    with pytest.raises(AnitaError, match="example 0 takes 11 tokens, more than --max-tokens 10"):
+        MicroBatches([make_example(list(range(11)), [1] * 11, 16)[0]], 1, 16, True, 0, max_tokens=10)

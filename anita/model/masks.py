@@ -1,0 +1,50 @@
+"""Attention masks of packed and prefix-shared rows, built from per-token (segment, branch) ids.
+
+Several sequences share one row when SFT packs examples, and when DPO lays a pair out as
+[prompt; chosen; rejected] (Wang et al. 2024, "Accelerating Direct Preference Optimization with
+Prefix Sharing", arXiv 2410.20305). Each token carries two small integers:
+
+    segment   which sequence of the row it belongs to (an example, a pair); -1 = padding
+    branch    0 = the segment's shared part (the whole of an SFT example, a pair's prompt),
+              1, 2, ... = one of the continuations of that shared part (chosen, rejected)
+
+and a position id that restarts per segment (a continuation's positions go on from the end of its
+shared part, so the rejected answer starts again at len(prompt)). A query may attend to a key when
+
+    same segment  and  the key is real  and  (the key is shared  or  both are in the same branch)
+
+and, as always, the key is not after the query (the model adds causality: `attention_mask_4d`).
+So every answer sees its prompt and itself, never the other answer, and no segment sees another:
+each token's attention, and therefore its hidden state, is the one it would have in its own
+right-padded row [prompt; answer] at the same positions. The plain layout, one right-padded row per
+sequence, needs no mask at all (causality alone keeps real tokens away from the pads after them).
+
+Example, one row holding a pair (prompt p0 p1, chosen c0 c1, rejected r0) and padding:
+
+    token     p0 p1 c0 c1 r0 pad          may attend (query row, key column; 1 = yes, after causality)
+    segment    0  0  0  0  0  -1          p0: 1 . . . . .
+    branch     0  0  1  1  2  -1          p1: 1 1 . . . .
+    position   0  1  2  3  2   0          c0: 1 1 1 . . .
+                                          c1: 1 1 1 1 . .
+                                          r0: 1 1 . . 1 .
+
+Kernels: on CPU, SDPA runs its flash kernel with the boolean mask (forward and backward). On CUDA,
+FlashAttention takes no mask, so SDPA with a mask runs the memory-efficient kernel (`attend` in
+`anita.model.llama` makes sure it can; see its docstring), never the math kernel that would hold
+(B, H, T, S) attention weights.
+
+Shapes: B rows, T tokens per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segment_mask(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """The boolean (B, T, T) "may attend" mask (query, key) of rows described by segment and
+    branch ids (B, T) each; causality is left to the model. See the module docstring."""
+    same_segment = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
+    real_key = (segment >= 0)[:, None, :]  # (B, 1, T)
+    shared_or_own = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])  # (B, T, T)
+    return same_segment & real_key & shared_or_own
