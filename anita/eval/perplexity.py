@@ -41,8 +41,11 @@ def read_texts(path) -> list[str]:
     """The documents of a text file (one) or of a data source (one `{"text": str}` per row)."""
     file = Path(path)
     if file.is_file() and not file.name.lower().endswith(tuple(SUFFIXES)):
+        data = file.read_bytes()
+        if b"\x00" in data:
+            raise AnitaError(f"{file}: a binary file of unknown kind (NUL bytes), not UTF-8 text")
         try:
-            return [file.read_text(encoding="utf-8")]
+            return [data.decode("utf-8")]
         except UnicodeDecodeError as e:
             raise AnitaError(f"{file}: not UTF-8 text (byte {e.start})") from None
     texts = []

@@ -156,7 +156,8 @@ def table_records(path: Path, kind: str) -> Iterator[Record]:
                 yield Record(f"{path}:row {n}", n, row, check_values(row))
                 n += 1
     except (pa.ArrowException, OSError, ValueError) as e:  # ArrowInvalid is a ValueError; UnicodeDecodeError too
-        raise AnitaError(f"{path}:row {n}: not a readable {kind} file ({type(e).__name__}: {str(e)[:200]})") from None
+        detail = " ".join(str(e).split())[:200]  # one line, whatever pyarrow's message holds
+        raise AnitaError(f"{path}:row {n}: not a readable {kind} file ({type(e).__name__}: {detail})") from None
 
 
 def record_batches(path: Path, kind: str):
