@@ -23,9 +23,9 @@ def test_masked_segments_round_trip():
 
 def test_cached_examples_equal_the_in_memory_ones(tmp_path, byte_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows(12))
-    plain, report = load_examples(path, byte_tokenizer, max_length=24)
-    first, first_report = load_examples(path, byte_tokenizer, max_length=24, cache_dir=tmp_path / "cache")
-    again, again_report = load_examples(path, byte_tokenizer, max_length=24, cache_dir=tmp_path / "cache")
+    plain, report = load_examples(path, byte_tokenizer, max_length=64)
+    first, first_report = load_examples(path, byte_tokenizer, max_length=64, cache_dir=tmp_path / "cache")
+    again, again_report = load_examples(path, byte_tokenizer, max_length=64, cache_dir=tmp_path / "cache")
     assert report.cache is None and first_report.cache.startswith("newly cached in")
     assert again_report.cache.startswith("reused from the cache")
     assert isinstance(again.store.tokens, np.memmap)
@@ -34,12 +34,12 @@ def test_cached_examples_equal_the_in_memory_ones(tmp_path, byte_tokenizer):
             assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
     assert again.lengths == [len(e.input_ids) for e in plain]
     assert again_report.summary().split("; tokens")[0] == report.summary()
-    load_examples(path, byte_tokenizer, max_length=23, cache_dir=tmp_path / "cache")  # another key, another folder
+    load_examples(path, byte_tokenizer, max_length=48, cache_dir=tmp_path / "cache")  # another key, another folder
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
 
 
 def test_a_failed_read_leaves_no_cache(tmp_path, byte_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows(2) + ["{bad"])
     with pytest.raises(AnitaError, match=r"d\.jsonl:3: not valid JSON"):
-        load_examples(path, byte_tokenizer, max_length=24, cache_dir=tmp_path / "cache")
+        load_examples(path, byte_tokenizer, max_length=64, cache_dir=tmp_path / "cache")
     assert not any((tmp_path / "cache").iterdir())
