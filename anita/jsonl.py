@@ -15,6 +15,8 @@ def parse_object(line: str, expected: str = "a JSON object") -> dict:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # e.g. 100,000 "[": the parser's depth is bounded by Python's recursion limit
+        raise ValueError("not usable JSON: nested too deeply") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected {expected}, got {type(row).__name__}")
     return row

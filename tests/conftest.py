@@ -14,6 +14,14 @@ from anita.model import Llama, LlamaConfig, from_pretrained, save_pretrained
 # (and several test processes may share the two cores).
 torch.set_num_threads(1)
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenized_data_cache(tmp_path_factory):
+    """Runs cache their tokenized data (anita.sources.store) here, not in the user's ~/.cache/anita."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANITA_DATA_CACHE", str(tmp_path_factory.mktemp("tokenized")))
+        yield
+
+
 # The three Llama 3 generations in miniature: plain, 3.1 rope scaling, 3.2 tied embeddings.
 TINY_VARIANTS = {
     "llama3": dict(rope_scaling=None),

@@ -23,9 +23,13 @@ REFERENCES = ("auto", "adapters-off", "adapter", "precomputed", "none")
 @dataclass
 class DPOConfig(TrainConfig):
     # ------------------------------------------------------------ the loop's fields, for DPO
-    data: str | None = flag(None, "preference JSONL: {'prompt', 'chosen', 'rejected'}, strings or message lists "
-                                "(required); for --loss kto also unpaired {'prompt', 'completion', 'label'}")
-    eval_data: str | None = flag(None, "held-out preference JSONL; its loss and reward accuracy/margins are logged")
+    data: str | None = flag(None, "preference data (required): a .jsonl/.json/.jsonl.gz/.parquet/.csv/.arrow file, a "
+                                "Hub-layout directory or a Hub dataset id org/name; {'prompt', 'chosen', "
+                                "'rejected'} rows, strings or message lists, or chosen/rejected conversations "
+                                "holding the prompt (UltraFeedback); for --loss kto also unpaired {'prompt', "
+                                "'completion', 'label'} (docs/data.md)")
+    eval_data: str | None = flag(None, "held-out preference data, any source --data takes; its loss and reward "
+                                     "accuracy/margins are logged")
     lr: float = flag(5e-5, "peak learning rate (a LoRA rate; TRL's 1e-6 default is for full fine-tuning)")
     batch_size: int = flag(8, "preference pairs per micro-batch (per process)")
     max_length: int = flag(1024, "longest prompt + answer in tokens (TRL's max_length)")
@@ -60,6 +64,9 @@ class DPOConfig(TrainConfig):
         if self.packing and not (self.shared_prompt and self.max_tokens):
             raise AnitaError(f"{source}: DPO 'packing' fills padding-free rows of the shared-prompt layout up to "
                              "'max_tokens': set --max-tokens and keep --shared-prompt")
+        if self.text_field is not None:
+            raise AnitaError(f"{source}: 'text_field' is for SFT and continued pre-training; preference rows need "
+                             "prompt, chosen and rejected (map other names with columns)")
         try:
             check_preference_args(self.loss, self.beta, label_smoothing=self.label_smoothing,
                                   discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma,

@@ -1,10 +1,17 @@
-"""Preference data for DPO: JSONL rows {"prompt", "chosen", "rejected"} -> token ids -> [chosen; rejected] batches.
+"""Preference data for DPO: rows {"prompt", "chosen", "rejected"} -> token ids -> [chosen; rejected] batches.
 
-Row formats (TRL's preference-dataset conventions, huggingface.co/docs/trl "Dataset formats"):
+Rows come from any source of `anita.sources` (JSONL, parquet, CSV, Arrow, JSON, dataset directories,
+Hub ids such as HuggingFaceH4/ultrafeedback_binarized). Row formats (TRL's preference-dataset
+conventions, huggingface.co/docs/trl "Dataset formats"):
 - standard: prompt, chosen and rejected are strings. The prompt becomes one user message and each
   answer one assistant message, so every row is rendered with the checkpoint's chat format.
 - conversational: prompt is a list of {"role", "content"} messages (system, user, earlier turns),
   chosen and rejected are lists of assistant messages.
+- implicit prompt: chosen and rejected hold the whole conversation (UltraFeedback-binarized); the
+  prompt is their common prefix, as TRL's `extract_prompt` finds it (`anita.sources.formats`).
+
+The kept pairs are flat int32 arrays (`anita.sources.store`: prompt, chosen, rejected segments),
+memory-mapped from the token cache when one is given; `data.pairs[i]` makes one `PreferencePair`.
 
 Tokenizing (TRL 1.16 `DPOTrainer._prepare_dataset`): the prompt is rendered with the generation
 prompt, prompt + answer without it; an answer's ids are the ids of prompt + answer after their
@@ -35,15 +42,17 @@ Shapes: B batch (pairs), T time (tokens).
 from __future__ import annotations
 
 import hashlib
-import json
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import numpy as np
 import torch
 
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
 from anita.model.tokenizer import common_prefix_length
+from anita.sources import TokenStore, cached_store, open_source, parse_columns, rename, tokenizer_fingerprint
+from anita.sources.formats import preference_parts
 from anita.train.data import EpochBatches, check_budget, fixed_budget_batches
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -51,7 +60,7 @@ FIELDS = ("prompt", "chosen", "rejected")
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One tokenized row. `line` is its 1-based line in the source file (for messages)."""
+    """One tokenized row. `line` is its 1-based line (JSON Lines) or 0-based row in the source (for messages)."""
 
     line: int
     prompt_ids: tuple[int, ...]
@@ -59,32 +68,68 @@ class PreferencePair:
     rejected_ids: tuple[int, ...]
 
 
+class PairView:
+    """The pairs of a `TokenStore` of (prompt, chosen, rejected) segments, as `PreferencePair`s on demand."""
+
+    def __init__(self, store: TokenStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return PreferencePair(int(self.store.rows[i]), *(tuple(s.tolist()) for s in self.store.segments(i)))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 @dataclass
 class PreferenceData:
-    """The kept pairs of one file and what happened to the others."""
+    """The kept pairs of one source and what happened to the others."""
 
     path: str
-    pairs: list[PreferencePair] = field(default_factory=list)
+    pairs: PairView | list[PreferencePair] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason): bad rows skipped on request
     dropped: list[int] = field(default_factory=list)  # lines whose answers could not keep one token
     truncated: int = 0  # kept rows whose prompt or answers were cut
+    formats: dict[str, int] = field(default_factory=dict)  # "preference (implicit prompt)" -> rows
+    cache: str | None = None  # "reused from the cache FOLDER" / "newly cached in FOLDER" when the tokens are cached
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def summary(self) -> str:
-        text = f"{self.path}: {len(self.pairs)} preference pairs ({self.truncated} truncated)"
+        formats = ", ".join(f"{k} ({n})" if len(self.formats) > 1 else k for k, n in self.formats.items())
+        text = f"{self.path}: {len(self.pairs)} preference pairs ({formats or 'no format'}; {self.truncated} truncated)"
         if self.dropped:
             text += f", {len(self.dropped)} dropped: no answer token fits max_length (lines {some_lines(self.dropped)})"
         if self.skipped:
             text += f", {len(self.skipped)} bad rows skipped (lines {some_lines([n for n, _ in self.skipped])})"
+        if self.cache:
+            text += f"; tokens {self.cache}"
         return text
 
     def fingerprint(self) -> str:
         """sha256 of every kept pair's token ids, in order: names this exact tokenized data set."""
         h = hashlib.sha256()
+        if isinstance(self.pairs, PairView):  # the flat arrays say it all: segment bounds, then tokens
+            store = self.pairs.store
+            h.update(np.ascontiguousarray(store.offsets - store.offsets[0]).tobytes())
+            h.update(np.ascontiguousarray(store.tokens[store.offsets[0]:store.offsets[-1]]).tobytes())
+            return h.hexdigest()
+        offsets, tokens = [0], []
         for p in self.pairs:
-            h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+            for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
+                tokens.extend(ids)
+                offsets.append(len(tokens))
+        h.update(np.asarray(offsets, dtype=np.int64).tobytes())
+        h.update(np.asarray(tokens, dtype=np.int32).tobytes())
         return h.hexdigest()
 
 
@@ -120,17 +165,20 @@ def answer_messages(row: dict, name: str) -> list[dict]:
 
 def parse_row(text: str) -> tuple[list[dict], list[dict], list[dict]]:
     """One JSONL line -> (prompt, chosen, rejected) messages. Raises ValueError saying what is wrong."""
-    row = parse_object(text, f"a JSON object with fields {', '.join(FIELDS)}")
-    missing = [f for f in FIELDS if f not in row]
-    if missing:
-        raise ValueError(f"missing field {missing[0]!r} (a preference row needs {', '.join(FIELDS)})")
-    prompt = as_messages(row["prompt"], "prompt", "user")
+    return check_preference(parse_object(text, f"a JSON object with fields {', '.join(FIELDS)}"))[:3]
+
+
+def check_preference(row: dict) -> tuple[list[dict], list[dict], list[dict], str]:
+    """A decoded row -> (prompt, chosen, rejected) messages and its format; ValueError saying what is wrong."""
+    prompt, chosen, rejected, implicit = preference_parts(row)
+    prompt = as_messages(prompt, "prompt", "user")
     if not any(m["content"].strip() for m in prompt):
         raise ValueError("field 'prompt' is empty")
+    row = {"chosen": chosen, "rejected": rejected}
     chosen, rejected = answer_messages(row, "chosen"), answer_messages(row, "rejected")
     if chosen == rejected:
         raise ValueError("'chosen' and 'rejected' are identical; a preference needs two different answers")
-    return prompt, chosen, rejected
+    return prompt, chosen, rejected, f"preference ({'implicit' if implicit else 'explicit'} prompt)"
 
 
 # ------------------------------------------------------------------------------- tokenize
@@ -170,40 +218,53 @@ def check_lengths(max_length: int, max_prompt_length: int | None) -> None:
                          f"answers keep at least one token, got {max_prompt_length!r}")
 
 
-def read_preferences(path, tokenizer, *, max_length: int = 1024, max_prompt_length: int | None = None,
-                     skip_bad_rows: bool = False) -> PreferenceData:
-    """Read, check, render, tokenize and truncate a preference JSONL file.
+def read_preferences(source, tokenizer, *, split: str | None = None, config: str | None = None,
+                     max_rows: int | None = None, columns=None, max_length: int = 1024,
+                     max_prompt_length: int | None = None, skip_bad_rows: bool = False,
+                     cache_dir=None) -> PreferenceData:
+    """Read, check, render, tokenize and truncate the preference rows of a source (a file, a dataset
+    directory or a Hub id; `split` and `config` of the last two).
 
     A bad row (bad JSON, missing field, empty or identical answers, ...) raises `AnitaError` naming
-    `file:line`, or with `skip_bad_rows` is skipped and listed in `PreferenceData.skipped`. Blank
-    lines are ignored. Rows whose answers cannot keep one token are listed in `dropped`.
+    `file:line` (`file:row N` for parquet, CSV, Arrow), or with `skip_bad_rows` is skipped and listed
+    in `PreferenceData.skipped`. Blank lines are ignored. Rows whose answers cannot keep one token
+    are listed in `dropped`. With `cache_dir`, the tokens are cached there (anita.sources.store).
     """
     check_lengths(max_length, max_prompt_length)
-    path = Path(path)
-    if not path.is_file():
-        raise AnitaError(f"{path}: no such preference data file")
-    data = PreferenceData(str(path))
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+    src = open_source(source, split, config, "preference data file")
+    mapping = parse_columns(columns)
+    key = {"reader": "preferences", "source": src.fingerprint(), "max_rows": max_rows, "columns": mapping,
+           "max_length": max_length, "max_prompt_length": max_prompt_length, "skip_bad_rows": skip_bad_rows,
+           "tokenizer": tokenizer_fingerprint(tokenizer) if cache_dir is not None else None}
+
+    def build(writer) -> dict:
+        data, formats = PreferenceData(src.label), Counter()
+        for rec in src.records(max_rows):
             try:
-                prompt, chosen, rejected = parse_row(text)
+                if rec.error:
+                    raise ValueError(rec.error)
+                prompt, chosen, rejected, fmt = check_preference(rename(rec.row, mapping))
                 ids = tokenize_pair(tokenizer, prompt, chosen, rejected)
             except (ValueError, AnitaError) as e:
                 if not skip_bad_rows:
-                    raise AnitaError(f"{path}:{line}: {e}") from None
-                data.skipped.append((line, str(e)))
+                    raise AnitaError(f"{rec.where}: {e}") from None
+                data.skipped.append((rec.index, str(e)))
                 continue
             kept = truncate_pair(*ids, max_length, max_prompt_length)
             if kept is None:
-                data.dropped.append(line)
+                data.dropped.append(rec.index)
                 continue
             data.truncated += tuple(map(len, kept)) != tuple(map(len, ids))
-            data.pairs.append(PreferencePair(line, *(tuple(x) for x in kept)))
-    if not data.pairs:
-        raise AnitaError(f"{path}: no usable preference pairs ({data.summary()})")
-    return data
+            writer.add(kept, rec.index)
+            formats[fmt] += 1
+        if not formats:
+            raise AnitaError(f"{src.label}: no usable preference pairs ({data.summary()})")
+        return {"skipped": data.skipped, "dropped": data.dropped, "truncated": data.truncated,
+                "formats": dict(formats)}
+
+    store, report, cache = cached_store(key, 3, build, cache_dir)
+    return PreferenceData(src.label, PairView(store), [tuple(s) for s in report["skipped"]], report["dropped"],
+                          report["truncated"], report["formats"], cache)
 
 
 # --------------------------------------------------------------------------------- collate

@@ -30,6 +30,7 @@ from anita.dpo.reference import (
 from anita.dpo.trainer import DPOObjective, DPOSettings, plot_preference_metrics
 from anita.dpo.unpaired import UnpairedBatches, read_unpaired
 from anita.model import Tokenizer
+from anita.sources import default_cache_dir
 from anita.train.checkpoint import prepare_run_dir
 from anita.train.distributed import init_distributed, shutdown
 from anita.train.loop import autocast, describe, plan_run, train
@@ -81,8 +82,12 @@ def precomputed_tables(model, cfg: DPOConfig, datasets: list, info) -> list:
 def read_datasets(cfg: DPOConfig, tokenizer) -> list:
     """The training (and held-out) data: preference pairs, or for KTO unpaired examples."""
     read = read_unpaired if cfg.loss == "kto" else read_preferences
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
-    return [read(path, tokenizer, **kw) for path in [cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])]
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows,
+              columns=cfg.columns, cache_dir=cfg.data_cache or default_cache_dir())
+    data = [read(cfg.data, tokenizer, split=cfg.data_split, config=cfg.data_config, max_rows=cfg.max_rows, **kw)]
+    if cfg.eval_data:
+        data.append(read(cfg.eval_data, tokenizer, split=cfg.eval_split, config=cfg.eval_config, **kw))
+    return data
 
 
 def make_batches(cfg: DPOConfig, data, pad_id: int, train: bool, ref_logps=None):

@@ -1,4 +1,6 @@
-"""Unpaired preference data for KTO: JSONL rows {"prompt", "completion", "label"} -> [matched; mismatched] batches.
+"""Unpaired preference data for KTO: rows {"prompt", "completion", "label"} -> [matched; mismatched] batches.
+
+Rows come from any source of `anita.sources` (JSONL, parquet, CSV, Arrow, dataset directories, Hub ids).
 
 KTO (Ethayarajh et al. 2024, arXiv 2402.01306) learns from single answers marked desirable
 (label true) or undesirable (false), in TRL's unpaired format. The prompt and the completion are
@@ -28,14 +30,14 @@ Shapes: B batch (examples), T time (tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from anita.dpo.data import answer_messages, as_messages, check_lengths, pad_rows, parse_row, some_lines, truncate_pair
+from anita.dpo.data import answer_messages, as_messages, check_lengths, check_preference, pad_rows, some_lines, truncate_pair
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
 from anita.model.tokenizer import common_prefix_length
+from anita.sources import open_source, parse_columns, rename
 from anita.train.data import EpochBatches
 
 FIELDS = ("prompt", "completion", "label")
@@ -81,9 +83,9 @@ class UnpairedData:
 
 
 # ------------------------------------------------------------------------------------ rows
-def parse_unpaired_row(text: str) -> tuple[list[dict], list[dict], bool]:
-    """One JSONL line -> (prompt, completion, label). Raises ValueError saying what is wrong."""
-    row = parse_object(text, f"a JSON object with fields {', '.join(FIELDS)}")
+def parse_unpaired_row(text) -> tuple[list[dict], list[dict], bool]:
+    """One JSONL line (or a decoded row) -> (prompt, completion, label). Raises ValueError saying what is wrong."""
+    row = parse_object(text, f"a JSON object with fields {', '.join(FIELDS)}") if isinstance(text, str) else text
     missing = [f for f in FIELDS if f not in row]
     if missing:
         raise ValueError(f"missing field {missing[0]!r} (an unpaired row needs {', '.join(FIELDS)})")
@@ -95,17 +97,19 @@ def parse_unpaired_row(text: str) -> tuple[list[dict], list[dict], bool]:
     return prompt, answer_messages(row, "completion"), row["label"]
 
 
-def is_paired_row(text: str) -> bool:
-    """Whether a JSONL line is a preference pair (chosen/rejected) rather than an unpaired row."""
-    row = parse_object(text, f"a JSON object with fields {', '.join(FIELDS)}")
+def is_paired_row(row) -> bool:
+    """Whether a row (a JSONL line or a decoded row) is a preference pair (chosen/rejected), not an unpaired row."""
+    row = parse_object(row, f"a JSON object with fields {', '.join(FIELDS)}") if isinstance(row, str) else row
     return "chosen" in row and "completion" not in row
 
 
-def parse_rows(text: str, paired: bool) -> list[tuple[list[dict], list[dict], bool]]:
-    """One line of either format -> its examples: one unpaired row, or a pair as (chosen, True), (rejected, False)."""
+def parse_rows(row, paired: bool) -> list[tuple[list[dict], list[dict], bool]]:
+    """One row of either format -> its examples: one unpaired row, or a pair as (chosen, True), (rejected, False)."""
     if not paired:
-        return [parse_unpaired_row(text)]
-    prompt, chosen, rejected = parse_row(text)
+        return [parse_unpaired_row(row)]
+    if isinstance(row, str):
+        row = parse_object(row, "a JSON object with fields prompt, chosen, rejected")
+    prompt, chosen, rejected, _ = check_preference(row)
     return [(prompt, chosen, True), (prompt, rejected, False)]
 
 
@@ -117,43 +121,44 @@ def tokenize_example(tokenizer, prompt: list[dict], completion: list[dict]) -> t
     return prompt_ids[:n], full[n:]
 
 
-def read_unpaired(path, tokenizer, *, max_length: int = 1024, max_prompt_length: int | None = None,
-                  skip_bad_rows: bool = False) -> UnpairedData:
-    """Read, check, render, tokenize and truncate an unpaired (or paired, then unpaired) JSONL file.
-
-    A bad row raises `AnitaError` naming `file:line`, or with `skip_bad_rows` is skipped and listed.
+def read_unpaired(source, tokenizer, *, split: str | None = None, config: str | None = None,
+                  max_rows: int | None = None, columns=None, max_length: int = 1024,
+                  max_prompt_length: int | None = None, skip_bad_rows: bool = False, cache_dir=None) -> UnpairedData:
+    """Read, check, render, tokenize and truncate the unpaired (or paired, then unpaired) rows of a
+    source. A bad row raises `AnitaError` naming `file:line` (or `file:row N`), or with
+    `skip_bad_rows` is skipped and listed. (KTO's data stay Python tuples: `cache_dir` is accepted
+    for a uniform call and unused.)
     """
     check_lengths(max_length, max_prompt_length)
-    path = Path(path)
-    if not path.is_file():
-        raise AnitaError(f"{path}: no such preference data file")
-    data, paired = UnpairedData(str(path)), None
+    src = open_source(source, split, config, "preference data file")
+    mapping = parse_columns(columns)
+    data, paired = UnpairedData(src.label), None
     desirable, undesirable = [], []  # a paired file keeps TRL's order: every chosen answer first
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
+    for rec in src.records(max_rows):
+        try:
+            if rec.error:
+                raise ValueError(rec.error)
+            row = rename(rec.row, mapping)
+            if paired is None:  # the first row decides the format
+                paired = data.from_pairs = is_paired_row(row)
+            rows = [(tokenize_example(tokenizer, p, c), label) for p, c, label in parse_rows(row, paired)]
+        except (ValueError, AnitaError) as e:
+            if not skip_bad_rows:
+                form = "a preference pair (like the first row)" if paired else "an unpaired row"
+                raise AnitaError(f"{rec.where}: {e} (expected {form})") from None
+            data.skipped.append((rec.index, str(e)))
+            continue
+        for (prompt_ids, completion_ids), label in rows:
+            kept = truncate_pair(prompt_ids, completion_ids, completion_ids, max_length, max_prompt_length)
+            if kept is None:
+                data.dropped.append(rec.index)
                 continue
-            try:
-                if paired is None:  # the first row decides the format
-                    paired = data.from_pairs = is_paired_row(text)
-                rows = [(tokenize_example(tokenizer, p, c), label) for p, c, label in parse_rows(text, paired)]
-            except (ValueError, AnitaError) as e:
-                if not skip_bad_rows:
-                    form = "a preference pair (like the first row)" if paired else "an unpaired row"
-                    raise AnitaError(f"{path}:{line}: {e} (expected {form})") from None
-                data.skipped.append((line, str(e)))
-                continue
-            for (prompt_ids, completion_ids), label in rows:
-                kept = truncate_pair(prompt_ids, completion_ids, completion_ids, max_length, max_prompt_length)
-                if kept is None:
-                    data.dropped.append(line)
-                    continue
-                data.truncated += (len(kept[0]), len(kept[1])) != (len(prompt_ids), len(completion_ids))
-                example = UnpairedExample(line, tuple(kept[0]), tuple(kept[1]), label)
-                (desirable if label or not paired else undesirable).append(example)
+            data.truncated += (len(kept[0]), len(kept[1])) != (len(prompt_ids), len(completion_ids))
+            example = UnpairedExample(rec.index, tuple(kept[0]), tuple(kept[1]), label)
+            (desirable if label or not paired else undesirable).append(example)
     data.examples = desirable + undesirable
     if len(data.examples) < 2:
-        raise AnitaError(f"{path}: KTO needs at least 2 usable examples to form mismatched pairs ({data.summary()})")
+        raise AnitaError(f"{src.label}: KTO needs at least 2 usable examples to form mismatched pairs ({data.summary()})")
     return data
 
 

@@ -6,7 +6,8 @@ References (lm-evaluation-harness v0.4): `lm_eval/api/model.py` (`TemplateLM._en
 `lm_eval/api/task.py` (`process_results` for multiple_choice), `lm_eval/api/samplers.py`
 (`ContextSampler`), `lm_eval/api/metrics.py` (`mean`, `mean_stderr`).
 
-Task file: JSONL, one question per line, `{"context": str, "choices": [str, ...], "gold": int}`.
+Task file: any source of `anita.sources` (JSONL, parquet, CSV, JSON, ...), one question per row,
+`{"context": str, "choices": [str, ...], "gold": int}`.
 The continuation scored for a choice is the choice string exactly as given (a task that wants a
 space between question and answer puts it in the choices, e.g. " Roma").
 
@@ -57,7 +58,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -65,6 +65,7 @@ from tqdm import tqdm
 from anita.errors import AnitaError
 from anita.eval.scoring import score_requests
 from anita.jsonl import parse_object
+from anita.sources import open_source
 
 FEWSHOT_DELIMITER = "\n\n"
 DEFAULT_SEED = 1234  # lm-evaluation-harness's default few-shot seed
@@ -86,6 +87,11 @@ def parse_question(line: str, where: str) -> Question:
         row = parse_object(line, 'an object {"context": str, "choices": [str, ...], "gold": int}')
     except ValueError as e:
         raise AnitaError(f"{where}: {e}") from None
+    return question_from_row(row, where)
+
+
+def question_from_row(row: dict, where: str) -> Question:
+    """A decoded row -> Question; AnitaError naming `where` when it does not fit."""
     context, choices, gold = row.get("context"), row.get("choices"), row.get("gold")
     if not isinstance(context, str):
         raise AnitaError(f'{where}: "context" must be a string, got {context!r}')
@@ -97,22 +103,15 @@ def parse_question(line: str, where: str) -> Question:
 
 
 def read_questions(path) -> list[Question]:
-    """All questions of a JSONL task file (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnitaError(f"{path}: no such task file")
+    """All questions of a task source (blank lines skipped); any bad row is an error naming it."""
+    source = open_source(path, what="task file")
     questions = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise AnitaError(f"{where}: not UTF-8 text") from None
-            if line.strip():
-                questions.append(parse_question(line, where))
+    for rec in source.records():
+        if rec.error:
+            raise AnitaError(f"{rec.where}: {rec.error}")
+        questions.append(question_from_row(rec.row, rec.where))
     if not questions:
-        raise AnitaError(f"{path}: no questions")
+        raise AnitaError(f"{source.label}: no questions")
     return questions
 
 

@@ -22,7 +22,8 @@ the harness model use, batched across windows and documents.
                                                    of per-document perplexities
     bits_per_byte = Σ NLL / (ln 2 · Σ UTF-8 bytes)  (the harness's tokenizer-independent figure)
 
-Input: a text file is one document; a `.jsonl` file has one `{"text": str}` document per line.
+Input: a plain text file is one document; a data source of `anita.sources` (a .jsonl, .parquet, .csv,
+.json or .arrow file, a dataset directory, a Hub id) has one `{"text": str}` document per row.
 """
 
 from __future__ import annotations
@@ -32,31 +33,28 @@ from pathlib import Path
 
 from anita.errors import AnitaError
 from anita.eval.scoring import score_requests
-from anita.jsonl import parse_object
+from anita.sources import open_source
+from anita.sources.files import SUFFIXES
 
 
 def read_texts(path) -> list[str]:
-    """The documents of a text file (one) or a JSONL file (one `{"text": str}` per non-blank line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnitaError(f"{path}: no such text file")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise AnitaError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if path.suffix != ".jsonl":
-        return [content]
-    texts = []
-    for lineno, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
+    """The documents of a text file (one) or of a data source (one `{"text": str}` per row)."""
+    file = Path(path)
+    if file.is_file() and not file.name.lower().endswith(tuple(SUFFIXES)):
+        data = file.read_bytes()
+        if b"\x00" in data:
+            raise AnitaError(f"{file}: a binary file of unknown kind (NUL bytes), not UTF-8 text")
         try:
-            row = parse_object(line, 'an object with a string "text" field')
-        except ValueError as e:
-            raise AnitaError(f"{path}:{lineno}: {e}") from None
-        if not isinstance(row.get("text"), str):
-            raise AnitaError(f'{path}:{lineno}: expected an object with a string "text" field')
-        texts.append(row["text"])
+            return [data.decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise AnitaError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    texts = []
+    for rec in open_source(path, what="text file").records():
+        if rec.error:
+            raise AnitaError(f"{rec.where}: {rec.error}")
+        if not isinstance(rec.row.get("text"), str):
+            raise AnitaError(f'{rec.where}: expected an object with a string "text" field')
+        texts.append(rec.row["text"])
     return texts
 
 

@@ -26,6 +26,7 @@ import yaml
 from anita.dtypes import PRECISIONS
 from anita.errors import AnitaError
 from anita.model.llama import PROJECTIONS
+from anita.sources import parse_columns
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +34,7 @@ else:  # Python 3.10: the same library, as a package (an optional dependency)
     import tomli as tomllib
 
 # Fields that may differ between a run and its `--resume`: they do not change the numbers.
-RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress"}
+RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress", "data_cache"}
 # The settings of a fresh adapter; with --adapter the adapter's own are used, so these are refused.
 FRESH_ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "rslora", "targets")
 
@@ -49,9 +50,16 @@ def flag(default, help: str, **kw):
 class TrainConfig:
     # ---------------------------------------------------------------- what to train, where
     model: str | None = flag(None, "HF-layout model directory or Hub id (required)")
-    data: str | None = flag(None, "training JSONL: messages, prompt/completion or text rows (required)")
+    data: str | None = flag(None, "training data (required): a .jsonl/.json/.jsonl.gz/.parquet/.csv/.arrow file, a "
+                                "Hub-layout directory or a Hub dataset id org/name; messages, ShareGPT, Alpaca, "
+                                "prompt/completion or text rows (docs/data.md)")
+    data_split: str = flag("train", "split of a dataset directory or Hub id given as --data (e.g. train_sft)")
+    data_config: str | None = flag(None, "config (subset) of a dataset directory or Hub id given as --data")
     output: str | None = flag(None, "run directory: adapter/, checkpoints/, metrics.jsonl, plot (required)")
-    eval_data: str | None = flag(None, "held-out JSONL, same formats; its loss is logged every --eval-steps")
+    eval_data: str | None = flag(None, "held-out data, any source and format --data takes; its loss is logged "
+                                     "every --eval-steps")
+    eval_split: str = flag("train", "split of a dataset directory or Hub id given as --eval-data (e.g. test_sft)")
+    eval_config: str | None = flag(None, "config (subset) of a dataset directory or Hub id given as --eval-data")
     adapter: str | None = flag(None, "PEFT adapter to keep training (as the demo's Italian stage continues the DPO "
                                      "adapter), with its own r, alpha, dropout and targets, so --lora-r, "
                                      "--lora-alpha, --lora-dropout, --rslora and --targets are refused with it; "
@@ -76,6 +84,13 @@ class TrainConfig:
                                         "tokens each counting padding, examples of similar length together; "
                                         "default: batch_size rows")
     skip_bad_rows: bool = flag(False, "skip and count malformed rows instead of stopping at the first one")
+    max_rows: int | None = flag(None, "read only the first N rows of --data (the same slice every run)")
+    columns: list[str] = flag([], "rename the source's columns to the ones anita reads, NAME=COLUMN,..., e.g. "
+                                  "prompt=question,completion=answer")
+    text_field: str | None = flag(None, "train on this column as plain text (continued pre-training), whatever "
+                                        "the other columns")
+    data_cache: str | None = flag(None, "folder of the tokenized-data cache (default $ANITA_DATA_CACHE, else "
+                                        "$ANITA_CACHE/tokenized)")
     # ----------------------------------------------------------------------- optimisation
     optimizer: str = flag("adamw", "adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes; paged only on CUDA, "
                                    "plain 8-bit on CPU)",
@@ -113,6 +128,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AnitaError(f"{source}: {name!r} must be at least 1, got {value}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise AnitaError(f"{source}: 'max_rows' must be at least 1, got {self.max_rows}")
+        try:
+            parse_columns(self.columns)
+        except AnitaError as e:
+            raise AnitaError(f"{source}: {str(e).replace('--columns', 'columns', 1)}") from None
         if self.lora_alpha <= 0:
             raise AnitaError(f"{source}: 'lora_alpha' must be > 0, got {self.lora_alpha}")
         for name in ("lr", "weight_decay", "warmup_steps", "max_grad_norm"):

@@ -1,6 +1,8 @@
-"""Training data: JSONL rows -> token ids and labels -> (packed) micro-batches.
+"""Training data: rows of any source -> token ids and labels -> (packed) micro-batches.
 
-Row formats are TRL's dataset conventions (huggingface.co/docs/trl/dataset_formats):
+Rows come from `anita.sources` (JSONL, parquet, CSV, Arrow, JSON, Hub-layout directories, Hub ids).
+Row formats are TRL's dataset conventions (huggingface.co/docs/trl/dataset_formats), recognised from
+the column names (`anita.sources.formats`; ShareGPT and Alpaca rows become messages):
   conversational     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
   prompt-completion  {"prompt": "...", "completion": "..."}, or both as lists of messages
   language modeling  {"text": "..."}  (continued pre-training, docs/recipe.md stage 3)
@@ -22,13 +24,17 @@ packing one padding-free row each. Their composition is drawn once from the seed
 shuffles their order (fairseq's `batch_by_size` scheme), so the number per epoch is fixed and a
 resumed run finds batch i by its index as before.
 
+The tokenized examples are flat int32 arrays (`anita.sources.store`, the loss mask in the sign bit),
+memory-mapped from a cache when one is given; `TokenizedExamples[i]` makes example i's tensors.
+
 Shapes: B rows per micro-batch, T tokens per row.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -37,6 +43,9 @@ from anita.jsonl import parse_object
 from anita.model.masks import segment_mask
 from anita.model.logprobs import IGNORE_INDEX, next_token_labels
 from anita.model.tokenizer import common_prefix_length
+from anita.sources import TokenStore, cached_store, open_source, parse_columns, rename, tokenizer_fingerprint
+from anita.sources.formats import sft_row
+from anita.sources.store import decode_masked, encode_masked
 
 ROLES = ("system", "user", "assistant")
 
@@ -67,15 +76,20 @@ class DataReport:
     tokens: int = 0
     trained_tokens: int = 0
     bad_lines: list[int] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)  # recognised format -> rows
+    cache: str | None = None  # "reused from the cache FOLDER" or "newly cached in FOLDER" when the tokens are cached
 
     def summary(self) -> str:
-        text = (f"{self.file}: {self.kept} examples, {self.tokens} tokens ({self.trained_tokens} trained); "
-                f"{self.truncated} truncated to max_length")
+        formats = ", ".join(f"{name} ({n})" if len(self.formats) > 1 else name for name, n in self.formats.items())
+        text = (f"{self.file}: {self.kept} examples, format {formats or 'none'}, {self.tokens} tokens "
+                f"({self.trained_tokens} trained); {self.truncated} truncated to max_length")
         if self.dropped_truncated:
             text += f", {self.dropped_truncated} dropped (nothing left to train on after truncation)"
         if self.skipped_bad:
             shown = ", ".join(map(str, self.bad_lines[:10])) + (", ..." if len(self.bad_lines) > 10 else "")
             text += f", {self.skipped_bad} malformed rows skipped (lines {shown})"
+        if self.cache:
+            text += f"; tokens {self.cache}"
         return text
 
 
@@ -108,27 +122,34 @@ def _check_messages(messages, key: str, roles=ROLES) -> list[dict]:
 
 
 def parse_row(line: str) -> tuple[str, dict]:
-    """JSON text -> (format, row) with the format's fields checked; raises BadRow."""
+    """JSON text -> (kind, row) with the format's fields checked; raises BadRow."""
     try:
         row = parse_object(line)
     except ValueError as e:
         raise BadRow(str(e)) from None
-    if "messages" in row:
+    return check_row(row)[:2]
+
+
+def check_row(row: dict, text_field: str | None = None) -> tuple[str, dict, str]:
+    """A decoded row -> (kind `render_row` takes, row, format recognised), its fields checked; raises BadRow."""
+    try:
+        fmt, row = sft_row(row, text_field)
+    except ValueError as e:
+        raise BadRow(str(e)) from None
+    if "messages" in row and fmt != "text":
         messages = _check_messages(row["messages"], "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRow("'messages' has no assistant message to train on")
-        return "messages", row
-    if "prompt" in row or "completion" in row:
+        return "messages", row, fmt
+    if fmt == "prompt-completion":
         if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
             _check_messages(row.get("prompt"), "prompt")
             _check_messages(row.get("completion"), "completion", roles=("assistant",))
-            return "chat_completion", row
+            return "chat_completion", row, fmt
         _check_text(row, "prompt"), _check_text(row, "completion")
-        return "completion", row
-    if "text" in row:
-        _check_text(row, "text")
-        return "text", row
-    raise BadRow(f"expected a 'messages', 'prompt' + 'completion' or 'text' field; got {sorted(row)}")
+        return "completion", row, fmt
+    _check_text(row, "text")
+    return "text", row, fmt
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -159,38 +180,75 @@ def make_example(ids: list[int], mask: list[int], max_length: int) -> tuple[Exam
     return Example(ids_t[0], labels), truncated
 
 
-def load_examples(path, tokenizer, max_length: int, skip_bad_rows: bool = False) -> tuple[list[Example], DataReport]:
-    """Read and render every row of a JSONL file. A malformed row is an AnitaError naming
-    file:line (or, with `skip_bad_rows`, is skipped and counted); a row left with no trained
-    token by truncation is dropped and counted."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnitaError(f"{path}: no such data file")
-    report, examples = DataReport(str(path)), []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not rows
+class TokenizedExamples:
+    """The examples of one source over a `TokenStore` (one masked segment each): `examples[i]` is an
+    `Example` made on demand; `lengths` holds every example's length without making any."""
+
+    def __init__(self, store: TokenStore):
+        self.store = store
+        self.lengths = store.lengths().tolist()
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> Example:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        ids, mask = decode_masked(self.store.segments(i)[0])
+        ids_t = torch.from_numpy(ids)[None]  # (1, T)
+        labels = next_token_labels(ids_t, torch.from_numpy(mask).long()[None])[0]  # (T,)
+        return Example(ids_t[0], labels)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def load_examples(source, tokenizer, max_length: int, skip_bad_rows: bool = False, *, split: str | None = None,
+                  config: str | None = None, max_rows: int | None = None, columns=None, text_field: str | None = None,
+                  cache_dir=None) -> tuple[TokenizedExamples, DataReport]:
+    """Read and render every row of a source (a file, a dataset directory, a Hub id; `split` and
+    `config` of the last two). A malformed row is an AnitaError naming file:line or file:row N (or,
+    with `skip_bad_rows`, is skipped and counted); a row left with no trained token by truncation is
+    dropped and counted. With `cache_dir`, the tokens are cached there (anita.sources.store)."""
+    src = open_source(source, split, config, "data file")
+    mapping = parse_columns(columns)
+    key = {"reader": "sft", "source": src.fingerprint(), "max_rows": max_rows, "columns": mapping,
+           "text_field": text_field, "skip_bad_rows": skip_bad_rows, "max_length": max_length,
+           "tokenizer": tokenizer_fingerprint(tokenizer) if cache_dir is not None else None}
+
+    def build(writer) -> dict:
+        report, formats = DataReport(src.label), Counter()
+        for rec in src.records(max_rows):
             try:
-                ids, mask = render_row(*parse_row(line), tokenizer)
+                if rec.error:
+                    raise BadRow(rec.error)
+                kind, row, fmt = check_row(rename(rec.row, mapping), text_field)
+                ids, mask = render_row(kind, row, tokenizer)
             except (BadRow, AnitaError) as e:
                 if not skip_bad_rows:
-                    raise AnitaError(f"{path}:{n}: {e} (or pass --skip-bad-rows to skip such rows)") from None
+                    raise AnitaError(f"{rec.where}: {e} (or pass --skip-bad-rows to skip such rows)") from None
                 report.skipped_bad += 1
-                report.bad_lines.append(n)
+                report.bad_lines.append(rec.index)
                 continue
-            example, truncated = make_example(ids, mask, max_length)
-            if example.trained_tokens == 0:
+            ids, mask, truncated = ids[:max_length], mask[:max_length], len(ids) > max_length
+            trained = sum(mask[1:])  # next-token labels: position t predicts token t + 1
+            if trained == 0:
                 report.dropped_truncated += 1
                 continue
+            writer.add([encode_masked(ids, mask)], rec.index)
+            formats[fmt] += 1
             report.truncated += truncated
             report.kept += 1
-            report.tokens += len(example.input_ids)
-            report.trained_tokens += example.trained_tokens
-            examples.append(example)
-    if not examples:
-        raise AnitaError(f"{path}: no usable rows ({report.summary()})")
-    return examples, report
+            report.tokens += len(ids)
+            report.trained_tokens += trained
+        report.formats = dict(formats)
+        if not report.kept:
+            raise AnitaError(f"{src.label}: no usable rows ({report.summary()})")
+        return dataclasses.asdict(report)
+
+    store, saved, cache = cached_store(key, 1, build, cache_dir)
+    report = DataReport(**{**saved, "cache": cache})
+    return TokenizedExamples(store), report
 
 
 # ---------------------------------------------------------------------- rows and batches
@@ -345,7 +403,7 @@ class MicroBatches(EpochBatches):
                  pad_id: int, seed: int = 0, shuffle: bool = True, max_tokens: int | None = None):
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
         self.packing, self.pad_id = packing, pad_id
-        self._lengths = [len(e.input_ids) for e in examples]
+        self._lengths = getattr(examples, "lengths", None) or [len(e.input_ids) for e in examples]
         self.budget = None  # with max_tokens: the fixed micro-batches, which each epoch orders
         if max_tokens is not None:
             check_budget(self._lengths, max_tokens, lambda i: f"example {i}")

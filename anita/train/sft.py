@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from anita.model import Tokenizer
+from anita.sources import default_cache_dir
 from anita.train.checkpoint import prepare_run_dir
 from anita.train.config import TrainConfig
 from anita.train.data import MicroBatches, load_examples
@@ -19,8 +20,13 @@ from anita.train.model import load_trainable_model
 
 
 def load_data(path, tokenizer, cfg: TrainConfig, shuffle: bool) -> tuple[MicroBatches, str]:
-    """The micro-batches of one JSONL file and the line that summarises its rows."""
-    examples, report = load_examples(path, tokenizer, cfg.max_length, cfg.skip_bad_rows)
+    """The micro-batches of one source (--data when `shuffle`, else --eval-data) and the line that
+    summarises its rows; the tokens are cached (anita.sources.store)."""
+    split, config, max_rows = (cfg.data_split, cfg.data_config, cfg.max_rows) if shuffle else \
+        (cfg.eval_split, cfg.eval_config, None)
+    examples, report = load_examples(path, tokenizer, cfg.max_length, cfg.skip_bad_rows, split=split, config=config,
+                                     max_rows=max_rows, columns=cfg.columns, text_field=cfg.text_field,
+                                     cache_dir=cfg.data_cache or default_cache_dir())
     batches = MicroBatches(examples, cfg.batch_size, cfg.max_length, cfg.packing, tokenizer.pad_id,
                            seed=cfg.seed, shuffle=shuffle, max_tokens=cfg.max_tokens)
     return batches, report.summary()

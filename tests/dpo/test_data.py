@@ -95,7 +95,7 @@ BAD_ROWS = [
     ('{"prompt": "a", "chosen": "b"', "not valid JSON"),
     ('["a", "b"]', "expected a JSON object"),
     ({"prompt": "a", "chosen": "b"}, "missing field 'rejected'"),
-    ({"chosen": "b", "rejected": "c"}, "missing field 'prompt'"),
+    ({"chosen": "b", "rejected": "c"}, "share no beginning, so there is no implicit prompt"),
     ({"prompt": "a", "chosen": "", "rejected": "c"}, "field 'chosen' is empty"),
     ({"prompt": "a", "chosen": "b", "rejected": "  \n"}, "field 'rejected' is empty"),
     ({"prompt": " ", "chosen": "b", "rejected": "c"}, "field 'prompt' is empty"),

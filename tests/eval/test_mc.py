@@ -189,7 +189,7 @@ def test_fewshot_needs_enough_examples():
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("row, message", [
     ("{not json", "not valid JSON"),
-    ('["a"]', "expected an object"),
+    ('["a"]', "expected a JSON object"),
     ('{"choices": [" a", " b"], "gold": 0}', '"context" must be a string'),
     ('{"context": "x", "choices": " a", "gold": 0}', '"choices" must be a list'),
     ('{"context": "x", "choices": [" a"], "gold": 0}', "at least 2"),

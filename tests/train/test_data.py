@@ -64,7 +64,8 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "q"}]}, "no assistant message"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "missing field 'content'"),
     ({"text": 5}, "must be a string"),
-    ({"question": "q", "answer": "a"}, "expected a 'messages', 'prompt' + 'completion' or 'text' field"),
+    ({"question": "q", "answer": "a"}, "columns question, answer fit no format; expected messages (messages); "
+                                       "sharegpt (conversations); alpaca (instruction, output)"),
 ]
 
 
