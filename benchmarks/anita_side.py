@@ -62,7 +62,7 @@ def qlora_model(path, w: Workload):
     dtype = torch_dtype(w.train_dtype)
     model = from_pretrained(path, dtype=dtype, device=w.device, quantize="nf4",
                                   quantize_kwargs={"compute_dtype": dtype})
-    model.gradient_checkpointing = w.gradient_checkpointing
+    model.gradient_checkpointing = w.checkpointing != "off"
     apply_lora(model, LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=LORA_TARGETS))
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)

@@ -55,7 +55,7 @@ class Workload:
     lora_r: int = 16
     lora_alpha: float = 8.0  # the SFT recipe's 16 / 8
     beta: float = 0.1
-    gradient_checkpointing: bool = True
+    checkpointing: str = "full"  # "full", "selective" or "off" (HF: gradient checkpointing on for full/selective)
     warmup: int = 1
     repeats: int = 3
     threads: int = 1  # torch threads per worker; the 2 shared cores make 2-thread numbers swing 2-3x

@@ -75,7 +75,7 @@ def qlora_model(path, w: Workload):
                                              target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
     # PEFT keeps the adapters in fp32 (autocast_adapter_dtype=True), as anita does; TRL's trainers
     # would cast QLoRA adapters to bf16, which we leave out so both sides train the same fp32 adapters.
-    if w.gradient_checkpointing:
+    if w.checkpointing != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()

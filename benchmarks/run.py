@@ -95,7 +95,7 @@ def job_label(job: str, w: Workload) -> str:
     if bench == "decode":
         return f"greedy decode {w.decode_dtype}, B={w.decode_batch} P={w.decode_prompt} N={w.decode_new}"
     what = "QLoRA SFT step" if bench == "sft" else "DPO step (B pairs)"
-    return f"{what} {w.train_dtype}, B={w.batch} T={w.seq_len}, r={w.lora_r}, ckpt={'on' if w.gradient_checkpointing else 'off'}"
+    return f"{what} {w.train_dtype}, B={w.batch} T={w.seq_len}, r={w.lora_r}, ckpt={w.checkpointing}"
 
 
 def table(results: dict, jobs: list[str], w: Workload) -> str:
