@@ -151,16 +151,29 @@ class Linear4bit(nn.Module):
             # is wrong when a block spans two rows of W (I not a multiple of blocksize).
             raise AnitaError(f"Linear4bit: backend 'bnb' on CPU needs in_features ({self.in_features}) to be "
                              f"a multiple of blocksize ({self.blocksize}); use backend='torch' or another blocksize")
+        return import_bitsandbytes().matmul_4bit(x, self.weight, quant_state=self._bnb_quant_state(self.state.dtype))
+
+    def _bnb_quant_state(self, dtype: torch.dtype):
+        """bitsandbytes' QuantState for this layer's codes, dequantizing to `dtype`."""
         bnb = import_bitsandbytes()
         s = self.state
         state2 = None
         if s.double_quant:
             state2 = bnb.functional.QuantState(absmax=s.absmax_scale, code=s.absmax_code, blocksize=256,
                                                dtype=torch.float32)
-        quant_state = bnb.functional.QuantState(
+        return bnb.functional.QuantState(
             absmax=s.absmax, shape=torch.Size(s.shape), code=s.code, blocksize=s.blocksize, quant_type="nf4",
-            dtype=s.dtype, offset=s.absmax_offset, state2=state2)
-        return bnb.matmul_4bit(x, self.weight, quant_state=quant_state)
+            dtype=dtype, offset=s.absmax_offset, state2=state2)
+
+    def dequantize_for_matmul(self) -> torch.Tensor:
+        """The weight (O, I) in compute_dtype, the fast way: bitsandbytes' kernel with backend "bnb"
+        (about 30x faster than `dequantize` on CPU), `dequantize` otherwise. Both compute each value
+        in fp32 and round it once, so they return the same bits (tests/quant/test_linear.py)."""
+        self._check_loaded()
+        if self.backend == "torch" or (self.weight.device.type == "cpu" and self.in_features % self.blocksize):
+            return self.dequantize()  # (bitsandbytes' CPU kernel is wrong there: see `_bnb_matmul`)
+        bnb = import_bitsandbytes()
+        return bnb.functional.dequantize_4bit(self.weight, self._bnb_quant_state(self.compute_dtype))
 
     # ------------------------------------------------------------- moving, saving, loading
     def _apply(self, fn, recurse=True):
