@@ -262,6 +262,9 @@ class Llama(nn.Module):
         # Non-persistent: recomputed from the config, never read from a checkpoint.
         self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
         self.checkpointing = "off"  # off, full or selective (`checkpoint_block`)
+        # dtype of the output head's matmuls when the losses score tokens (`anita.model.logprobs.token_logps`);
+        # None = fp32. forward() itself always applies lm_head as stored.
+        self.head_dtype: torch.dtype | None = None
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """The final-norm hidden states (B, T, D); the output head is left to the caller."""
