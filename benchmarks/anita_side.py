@@ -6,10 +6,12 @@ it in a fresh process. The steps mirror `hf_side.py` setting for setting:
 - forward: `from_pretrained(dir, dtype)`, `model(input_ids)` for the full logits (B, T, V).
 - decode: `anita.model.generate` greedy, no stop ids (so exactly N new tokens).
 - SFT (QLoRA): `from_pretrained(dir, quantize="nf4")` (NF4, double quantization),
-  `apply_lora` with r / alpha on the seven projections, `model.gradient_checkpointing = True`,
+  `apply_lora` with r / alpha on the seven projections, `model.checkpointing` from the workload,
   and `anita.train.loss.sft_loss` (chunked log-probs, no [B, T, V] logits); AdamW.
 - DPO: the same model and `anita.dpo.trainer.dpo_step`: one policy forward over [chosen; rejected],
   the reference = the same model with LoRA off (`anita.dpo.reference.AdaptersOff`), sigmoid loss.
+  `dpo-recipe`: the same step on the recipe-shaped batch (prompts ~400, answers 70-150 tokens).
+- The workload's `checkpointing` (off/full/selective), `head_dtype` and `fused` set anita's options.
 
 Shapes: B batch, T sequence length, P prompt length.
 """
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import LORA_TARGETS, Workload, preference_batch, token_batch, torch_dtype
+from benchmarks.common import (LORA_TARGETS, Workload, preference_batch, recipe_preference_batch, token_batch,
+                               torch_dtype)
 
 
 def load(path, w: Workload, dtype: torch.dtype):
@@ -54,16 +57,20 @@ def decode_step(path, w: Workload):
 
 
 def qlora_model(path, w: Workload):
-    """NF4 base (compute in the training dtype) + LoRA on the seven projections + gradient
-    checkpointing, as `anita.train.model.load_trainable_model` builds it; AdamW on the adapters."""
+    """NF4 base (compute in the training dtype) + LoRA on the seven projections + the workload's
+    checkpointing, head dtype and fusion, as `anita.train.model.load_trainable_model` builds it; AdamW
+    on the adapters."""
     from anita.lora import LoraConfig, apply_lora, lora_parameters
     from anita.model import from_pretrained
+    from anita.model.fused import set_fused_projections
 
     dtype = torch_dtype(w.train_dtype)
     model = from_pretrained(path, dtype=dtype, device=w.device, quantize="nf4",
                                   quantize_kwargs={"compute_dtype": dtype})
-    model.gradient_checkpointing = w.checkpointing != "off"
+    model.checkpointing = w.checkpointing  # off, full or selective
+    model.head_dtype = None if w.head_dtype == "fp32" else torch_dtype(w.head_dtype)
     apply_lora(model, LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=LORA_TARGETS))
+    set_fused_projections(model, w.fused)
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     return model, opt
@@ -91,18 +98,24 @@ def sft_step(path, w: Workload):
     return step, info
 
 
-def dpo_step(path, w: Workload):
-    """`anita.dpo.trainer.dpo_step` with the adapters-off reference (`AdaptersOff`)."""
+def dpo_step(path, w: Workload, recipe: bool = False):
+    """`anita.dpo.trainer.dpo_step` with the adapters-off reference (`AdaptersOff`); `recipe`: the
+    recipe-shaped batch (`recipe_preference_batch`), right-padded, no attention mask needed."""
     from anita.dpo.reference import AdaptersOff
     from anita.dpo.trainer import DPOSettings
     from anita.dpo.trainer import dpo_step as anita_dpo_step
 
     model, opt = qlora_model(path, w)
-    chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
-    batch = {"input_ids": torch.cat([chosen, rejected]).to(w.device),  # (2B, T): [chosen; rejected]
-             "completion_mask": torch.cat([completion, completion]).to(w.device)}
+    if recipe:
+        ids, completion, attention = recipe_preference_batch(model.config.vocab_size, w.batch, w)
+        batch = {"input_ids": ids.to(w.device), "completion_mask": completion.to(w.device)}  # right-padded
+    else:
+        chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
+        batch = {"input_ids": torch.cat([chosen, rejected]).to(w.device),  # (2B, T): [chosen; rejected]
+                 "completion_mask": torch.cat([completion, completion]).to(w.device)}
+        attention = torch.ones_like(batch["input_ids"])
     settings, reference = DPOSettings(beta=w.beta), AdaptersOff()
-    info = {}
+    info = {"num_tokens": int(attention.sum()), "mean_len": float(attention.sum(1).float().mean())}
 
     def step():
         loss_sum, pairs, _ = anita_dpo_step(model, batch, settings, reference)
@@ -113,3 +126,7 @@ def dpo_step(path, w: Workload):
         info["loss"] = loss.item()
 
     return step, info
+
+
+def dpo_recipe_step(path, w: Workload):
+    return dpo_step(path, w, recipe=True)
