@@ -235,10 +235,11 @@ def step_flops_per_token(bench: str, config: dict, T: int) -> float:
     return {"forward": per, "sft": 2 * per, "dpo": 3 * per, "dpo-recipe": 3 * per}[bench]
 
 
-def measured_peak_tflops(device: str, seconds: float = 2.0) -> dict:
-    """This machine's bf16 matmul peak, measured: the best wall-clock TFLOP/s of square bf16 GEMMs
-    (CPU: n = 2048 with the workers' thread count; CUDA: n = 8192, synchronized) over about `seconds`.
-    The best, not the median, so that a neighbour's job on a shared CPU lowers it as little as possible.
+def measured_peak_tflops(device: str, clock: str = "wall", seconds: float = 2.0) -> dict:
+    """This machine's bf16 matmul peak, measured: the best TFLOP/s of square bf16 GEMMs (CPU: n = 2048
+    with the workers' thread count; CUDA: n = 8192, synchronized) over about `seconds`, timed by the
+    workers' clock ("cpu": process CPU time, robust to neighbours with one thread; "wall"). The best,
+    not the median, so that a neighbour's job on a shared CPU lowers it as little as possible.
 
     MFU is reported against this rather than a data-sheet number, so it says how much of what this
     machine can actually do in a bf16 GEMM the step used. `BENCH_PEAK_TFLOPS` overrides it."""
@@ -250,11 +251,12 @@ def measured_peak_tflops(device: str, seconds: float = 2.0) -> dict:
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
     best, spent = 0.0, 0.0
     (a @ b), sync(device)  # warm-up: kernel selection, page faults
+    now = time.process_time if clock == "cpu" else time.perf_counter
     while spent < seconds:
-        start = time.perf_counter()
+        start = now()
         a @ b
         sync(device)
-        took = time.perf_counter() - start
+        took = now() - start
         spent += took
         best = max(best, 2 * n**3 / took / 1e12)
-    return {"tflops": best, "how": f"best bf16 {n}x{n} GEMM over {spent:.1f}s, {torch.get_num_threads()} threads"}
+    return {"tflops": best, "how": f"best bf16 {n}x{n} GEMM, {clock} clock, {torch.get_num_threads()} threads"}

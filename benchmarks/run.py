@@ -71,7 +71,7 @@ def run_probe(w: Workload) -> dict:
     from benchmarks.common import measured_peak_tflops
 
     torch.set_num_threads(w.threads)
-    return measured_peak_tflops(w.device)
+    return measured_peak_tflops(w.device, w.clock)
 
 
 # --------------------------------------------------------------------------------- parent
