@@ -6,12 +6,14 @@ it in a fresh process. The steps mirror `hf_side.py` setting for setting:
 - forward: `from_pretrained(dir, dtype)`, `model(input_ids)` for the full logits (B, T, V).
 - decode: `anita.model.generate` greedy, no stop ids (so exactly N new tokens).
 - SFT (QLoRA): `from_pretrained(dir, quantize="nf4")` (NF4, double quantization),
-  `apply_lora` with r / alpha on the seven projections, `model.gradient_checkpointing = True`,
+  `apply_lora` with r / alpha on the seven projections, `model.checkpointing` from the workload,
   and `anita.train.loss.sft_loss` (chunked log-probs, no [B, T, V] logits); AdamW.
 - DPO: the same model and `anita.dpo.trainer.dpo_step`: one policy forward over the batch in the
   layout `Workload.dpo_layout` names (TRL's two rows [prompt; chosen], [prompt; rejected] per pair,
   one shared-prompt row [prompt; chosen; rejected] per pair, or all pairs packed in one row), the
   reference = the same model with LoRA off (`anita.dpo.reference.AdaptersOff`), sigmoid loss.
+  `dpo-recipe`: the same step on the recipe-shaped batch (prompts ~400, answers 70-150 tokens).
+- The workload's `checkpointing` (off/full/selective), `head_dtype` and `fused` set anita's options.
 
 Shapes: B batch, T sequence length, P prompt length.
 """
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import LORA_TARGETS, Workload, preference_batch, token_batch, torch_dtype
+from benchmarks.common import (LORA_TARGETS, Workload, preference_batch, recipe_preference_batch, token_batch,
+                               torch_dtype)
 
 
 def load(path, w: Workload, dtype: torch.dtype):
@@ -56,16 +59,20 @@ def decode_step(path, w: Workload):
 
 
 def qlora_model(path, w: Workload):
-    """NF4 base (compute in the training dtype) + LoRA on the seven projections + gradient
-    checkpointing, as `anita.train.model.load_trainable_model` builds it; AdamW on the adapters."""
+    """NF4 base (compute in the training dtype) + LoRA on the seven projections + the workload's
+    checkpointing, head dtype and fusion, as `anita.train.model.load_trainable_model` builds it; AdamW
+    on the adapters."""
     from anita.lora import LoraConfig, apply_lora, lora_parameters
     from anita.model import from_pretrained
+    from anita.model.fused import set_fused_projections
 
     dtype = torch_dtype(w.train_dtype)
     model = from_pretrained(path, dtype=dtype, device=w.device, quantize="nf4",
                                   quantize_kwargs={"compute_dtype": dtype})
-    model.gradient_checkpointing = w.gradient_checkpointing
+    model.checkpointing = w.checkpointing  # off, full or selective
+    model.head_dtype = None if w.head_dtype == "fp32" else torch_dtype(w.head_dtype)
     apply_lora(model, LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=LORA_TARGETS))
+    set_fused_projections(model, w.fused)
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     return model, opt
@@ -93,17 +100,23 @@ def sft_step(path, w: Workload):
     return step, info
 
 
-def dpo_step(path, w: Workload):
-    """`anita.dpo.trainer.dpo_step` with the adapters-off reference (`AdaptersOff`)."""
+def dpo_step(path, w: Workload, recipe: bool = False):
+    """`anita.dpo.trainer.dpo_step` with the adapters-off reference (`AdaptersOff`); `recipe`: the
+    recipe-shaped batch (`recipe_preference_batch`), right-padded, no attention mask needed."""
     from anita.dpo.reference import AdaptersOff
     from anita.dpo.trainer import DPOSettings
     from anita.dpo.trainer import dpo_step as anita_dpo_step
 
     model, opt = qlora_model(path, w)
-    chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
-    batch = {k: v.to(w.device) for k, v in dpo_batch(chosen, rejected, completion, w.dpo_layout).items()}
+    if recipe:
+        ids, completion, attention = recipe_preference_batch(model.config.vocab_size, w.batch, w)
+    else:
+        chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
+        ids, completion = torch.cat([chosen, rejected]), torch.cat([completion, completion])  # (2B, T)
+        attention = torch.ones_like(ids)
+    batch = {k: v.to(w.device) for k, v in dpo_batch(ids, completion, attention, w.dpo_layout).items()}
     settings, reference = DPOSettings(beta=w.beta), AdaptersOff()
-    info = {}
+    info = {"num_tokens": int(attention.sum()), "mean_len": float(attention.sum(1).float().mean())}
 
     def step():
         loss_sum, pairs, _ = anita_dpo_step(model, batch, settings, reference)
@@ -116,14 +129,16 @@ def dpo_step(path, w: Workload):
     return step, info
 
 
-def dpo_batch(chosen: torch.Tensor, rejected: torch.Tensor, completion: torch.Tensor, layout: str) -> dict:
-    """The B pairs of `preference_batch` (chosen, rejected, completion mask (B, T)) collated by anita
-    in `layout`: "two-row" (2B rows), "shared" (B rows [prompt; chosen; rejected]) or "packed" (1 row)."""
+def dpo_batch(ids: torch.Tensor, completion: torch.Tensor, attention: torch.Tensor, layout: str) -> dict:
+    """B pairs given as TRL's rows (ids, completion and attention masks (2B, T), [chosen; rejected],
+    right-padded) collated by anita in `layout`: "two-row" (2B rows), "shared" (B rows
+    [prompt; chosen; rejected]) or "packed" (1 row)."""
     from anita.dpo.data import PreferencePair, collate_pairs, collate_shared
 
-    pairs = []
-    for c, r, m in zip(chosen.tolist(), rejected.tolist(), completion.tolist()):
-        start = m.index(1)  # the answer starts here, the prompt is the same in both rows
+    B, pairs = ids.shape[0] // 2, []
+    for b in range(B):
+        c, r = ids[b][attention[b].bool()].tolist(), ids[B + b][attention[B + b].bool()].tolist()
+        start = completion[b].tolist().index(1)  # the answer starts here, the prompt is the same in both rows
         pairs.append(PreferencePair(0, tuple(c[:start]), tuple(c[start:]), tuple(r[start:])))
     if layout == "two-row":
         return collate_pairs(pairs, pad_id=0)
@@ -131,3 +146,7 @@ def dpo_batch(chosen: torch.Tensor, rejected: torch.Tensor, completion: torch.Te
     if layout not in ("shared", "packed"):
         raise ValueError(f"unknown dpo_layout {layout!r}: expected two-row, shared or packed")
     return collate_shared(rows, pairs, pad_id=0)
+
+
+def dpo_recipe_step(path, w: Workload):
+    return dpo_step(path, w, recipe=True)

@@ -32,10 +32,8 @@ from anita.dtypes import parse_dtype
 from anita.model.llama import PROJECTIONS
 
 LORA_TARGETS = PROJECTIONS  # the seven projections LoRA wraps in the recipe (docs/recipe.md)
-BENCHES = ("forward", "decode", "sft", "dpo")
+BENCHES = ("forward", "decode", "sft", "dpo", "dpo-recipe")
 SYSTEMS = ("anita", "hf")
-# Dense bf16 tensor-core peak of the GPUs the CUDA workload is meant for (vendor data sheets, SXM).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 @dataclass
@@ -55,7 +53,14 @@ class Workload:
     lora_r: int = 16
     lora_alpha: float = 8.0  # the SFT recipe's 16 / 8
     beta: float = 0.1
-    gradient_checkpointing: bool = True
+    checkpointing: str = "full"  # "full", "selective" or "off" (HF: gradient checkpointing on for full/selective)
+    head_dtype: str = "fp32"  # anita's loss head matmuls: "fp32" or "bf16" (TRL's fused head is bf16 either way)
+    fused: bool = False  # anita: fused frozen q/k/v and gate/up matmuls
+    # dpo-recipe: the DPO recipe's shape (anita/recipes/anita_2_dpo.toml): prompts ~400 tokens, answers
+    # 70-150, rows right-padded to the longest, at most max_length tokens
+    recipe_prompt: tuple[int, int] = (350, 450)
+    recipe_answer: tuple[int, int] = (70, 150)
+    recipe_max_length: int = 1024
     # anita's DPO batch layout (anita.dpo.data): "shared" = one row [prompt; chosen; rejected] per pair
     # (anita dpo's default), "packed" = all B pairs in one padding-free row, "two-row" = TRL's layout.
     # tok/s counts the two-row tokens (2·B·T) on every layout, so the ratio compares pairs per second.
@@ -72,7 +77,8 @@ class Workload:
     @classmethod
     def from_json(cls, text: str) -> "Workload":
         raw = json.loads(text)
-        raw["forward_dtypes"] = tuple(raw["forward_dtypes"])
+        for key in ("forward_dtypes", "recipe_prompt", "recipe_answer"):
+            raw[key] = tuple(raw[key])
         return cls(**raw)
 
 
@@ -113,6 +119,34 @@ def preference_batch(vocab: int, B: int, T: int, seed: int):
     mask = torch.zeros(B, T, dtype=torch.long)
     mask[:, T // 2:] = 1
     return chosen, rejected, mask
+
+
+def recipe_preference_batch(vocab: int, B: int, w: Workload):
+    """B pairs in the DPO recipe's shape: a prompt of P ~ U[recipe_prompt] tokens, chosen and rejected
+    answers of U[recipe_answer] tokens each, rows right-padded (pad id 0) to the longest.
+
+    Returns ids (2B, T) as [chosen; rejected], completion mask (2B, T) (1 on answer tokens) and the
+    attention mask (2B, T) (1 on real tokens).
+    """
+    gen = torch.Generator().manual_seed(w.seed)
+    rows, answers = [], []
+    for half in range(2):
+        for b in range(B):
+            g = torch.Generator().manual_seed(w.seed * 1000 + b)  # the pair's prompt, shared by both halves
+            P = int(torch.randint(w.recipe_prompt[0], w.recipe_prompt[1] + 1, (1,), generator=g))
+            prompt = torch.randint(3, vocab, (P,), generator=g)
+            A = int(torch.randint(w.recipe_answer[0], w.recipe_answer[1] + 1, (1,), generator=gen))
+            answer = torch.randint(3, vocab, (min(A, w.recipe_max_length - P),), generator=gen)
+            rows.append(torch.cat([prompt, answer]))
+            answers.append(len(answer))
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(2 * B, T, dtype=torch.long)
+    completion, attention = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (row, A) in enumerate(zip(rows, answers)):
+        ids[i, :len(row)] = row
+        attention[i, :len(row)] = 1
+        completion[i, len(row) - A:len(row)] = 1
+    return ids, completion, attention
 
 
 # ------------------------------------------------------------------------------ model source
@@ -202,14 +236,31 @@ def forward_flops_per_token(config: dict, T: int) -> float:
 def step_flops_per_token(bench: str, config: dict, T: int) -> float:
     """Model FLOPs per processed token: forward 1×, LoRA step 2× (fwd + input-grad bwd), DPO 3×."""
     per = forward_flops_per_token(config, T)
-    return {"forward": per, "sft": 2 * per, "dpo": 3 * per}[bench]
+    return {"forward": per, "sft": 2 * per, "dpo": 3 * per, "dpo-recipe": 3 * per}[bench]
 
 
-def peak_tflops(device: str) -> float | None:
-    if device != "cuda":
-        return None
+def measured_peak_tflops(device: str, clock: str = "wall", seconds: float = 2.0) -> dict:
+    """This machine's bf16 matmul peak, measured: the best TFLOP/s of square bf16 GEMMs (CPU: n = 2048
+    with the workers' thread count; CUDA: n = 8192, synchronized) over about `seconds`, timed by the
+    workers' clock ("cpu": process CPU time, robust to neighbours with one thread; "wall"). The best,
+    not the median, so that a neighbour's job on a shared CPU lowers it as little as possible.
+
+    MFU is reported against this rather than a data-sheet number, so it says how much of what this
+    machine can actually do in a bf16 GEMM the step used. `BENCH_PEAK_TFLOPS` overrides it."""
     override = os.environ.get("BENCH_PEAK_TFLOPS")
     if override:
-        return float(override)
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        return {"tflops": float(override), "how": "BENCH_PEAK_TFLOPS"}
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    best, spent = 0.0, 0.0
+    (a @ b), sync(device)  # warm-up: kernel selection, page faults
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    while spent < seconds:
+        start = now()
+        a @ b
+        sync(device)
+        took = now() - start
+        spent += took
+        best = max(best, 2 * n**3 / took / 1e12)
+    return {"tflops": best, "how": f"best bf16 {n}x{n} GEMM, {clock} clock, {torch.get_num_threads()} threads"}

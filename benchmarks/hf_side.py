@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import LORA_TARGETS, Workload, preference_batch, token_batch, torch_dtype
+from benchmarks.common import (LORA_TARGETS, Workload, preference_batch, recipe_preference_batch, token_batch,
+                               torch_dtype)
 
 
 def load(path, w: Workload, dtype: torch.dtype, quantized: bool):
@@ -64,7 +65,8 @@ def decode_step(path, w: Workload):
 
 
 def qlora_model(path, w: Workload):
-    """NF4 base + LoRA r on the seven projections + TRL's fused LM head + gradient checkpointing."""
+    """NF4 base + LoRA r on the seven projections + TRL's fused LM head + gradient checkpointing unless
+    the workload's checkpointing is "off" (HF has no selective mode: "selective" runs HF's full one)."""
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
@@ -75,7 +77,7 @@ def qlora_model(path, w: Workload):
                                              target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
     # PEFT keeps the adapters in fp32 (autocast_adapter_dtype=True), as anita does; TRL's trainers
     # would cast QLoRA adapters to bf16, which we leave out so both sides train the same fp32 adapters.
-    if w.gradient_checkpointing:
+    if w.checkpointing != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
@@ -98,25 +100,28 @@ def sft_step(path, w: Workload):
     return step, info
 
 
-def dpo_step(path, w: Workload):
+def dpo_step(path, w: Workload, recipe: bool = False):
+    """`recipe`: the recipe-shaped, right-padded batch with its attention mask, as TRL collates it."""
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 
     model, opt = qlora_model(path, w)
-    chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
-    ids = torch.cat([chosen, rejected]).to(w.device)  # (2B, T): the batch is [chosen; rejected]
-    completion = torch.cat([completion, completion]).to(w.device)
+    if recipe:
+        ids, completion, attention = recipe_preference_batch(model.config.vocab_size, w.batch, w)
+    else:
+        chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
+        ids, completion = torch.cat([chosen, rejected]), torch.cat([completion, completion])  # (2B, T)
+        attention = torch.ones_like(ids)
+    ids, completion, attention = ids.to(w.device), completion.to(w.device), attention.to(w.device)
     labels = ids.masked_fill(completion == 0, -100)
     gc_kwargs = {"use_reentrant": False}
-    info = {}
+    info = {"num_tokens": int(attention.sum()), "mean_len": float(attention.sum(1).float().mean())}
 
     def step():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                    fused_lm_head=True, use_cache=False)
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True, use_cache=False)
         chosen_logps, rejected_logps = out.log_probs.sum(dim=1).chunk(2)  # (B,) each
         with torch.no_grad(), disable_gradient_checkpointing(model, gc_kwargs), use_adapter(model, None):
-            ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                        fused_lm_head=True, use_cache=False)
+            ref = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True, use_cache=False)
         ref_chosen, ref_rejected = ref.log_probs.sum(dim=1).chunk(2)
         delta = (chosen_logps - ref_chosen) - (rejected_logps - ref_rejected)
         loss = -F.logsigmoid(w.beta * delta).mean()
@@ -126,3 +131,7 @@ def dpo_step(path, w: Workload):
         info["loss"] = loss.item()
 
     return step, info
+
+
+def dpo_recipe_step(path, w: Workload):
+    return dpo_step(path, w, recipe=True)

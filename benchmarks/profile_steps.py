@@ -24,20 +24,22 @@ from benchmarks import anita_side  # noqa: E402
 from benchmarks.common import BENCHES, default_workload, model_dir  # noqa: E402
 
 
-def profile_one(bench: str, w, rows: int, trace: Path | None) -> str:
+def profile_one(bench: str, w, rows: int, trace: Path | None, shapes: bool = False) -> str:
     path = model_dir(w)
     args = (path, w, w.forward_dtypes[0]) if bench == "forward" else (path, w)
     step, _ = getattr(anita_side, f"{bench}_step")(*args)
     step()  # warm-up: first-call allocations and lazy inits stay out of the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if w.device == "cuda" else [])
-    with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
+    with profile(activities=activities, profile_memory=True, record_shapes=shapes) as prof:
         with record_function(f"anita {bench} step"):
             step()
     if trace is not None:
         trace.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace / f"anita-{bench}.json"))
     sort = "self_cuda_time_total" if w.device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48)
+    averages = prof.key_averages(group_by_input_shape=shapes)
+    return averages.table(sort_by=sort, row_limit=rows, max_name_column_width=48,
+                          max_shapes_column_width=60 if shapes else None)
 
 
 def main(argv=None) -> int:
@@ -47,15 +49,19 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(BENCHES))
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--threads", type=int)
+    p.add_argument("--shapes", action="store_true", help="group the operators by input shapes too")
+    p.add_argument("--checkpointing", choices=("full", "selective", "off"))
     p.add_argument("--trace", type=Path, help="write Chrome traces (anita-<bench>.json) here")
     args = p.parse_args(argv)
     w = default_workload(args.device, args.quick)
     if args.threads:
         w.threads = args.threads
+    if args.checkpointing:
+        w.checkpointing = args.checkpointing
     torch.set_num_threads(w.threads)
     for bench in args.only.split(","):
         print(f"\n=== anita {bench} ({w.device}, B={w.batch}, T={w.seq_len}) ===")
-        print(profile_one(bench, w, args.rows, args.trace))
+        print(profile_one(bench, w, args.rows, args.trace, args.shapes))
     return 0
 
 

@@ -24,19 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (BENCHES, SYSTEMS, Workload, default_workload, peak_tflops,  # noqa: E402
-                               step_flops_per_token)
+from benchmarks.common import (BENCHES, SYSTEMS, Workload, default_workload, step_flops_per_token)  # noqa: E402
 
 # (benchmark, metric) -> (target ratio anita/HF, "min" = at least, "max" = at most)
 TARGETS = {("forward", "tok/s"): (1.3, "min"), ("decode", "tok/s"): (2.0, "min"),
            ("sft", "tok/s"): (2.0, "min"), ("sft", "peak MiB"): (0.5, "max"),
-           ("dpo", "tok/s"): (2.5, "min"), ("dpo", "peak MiB"): (0.5, "max")}
+           ("dpo", "tok/s"): (2.5, "min"), ("dpo", "peak MiB"): (0.5, "max"),
+           ("dpo-recipe", "tok/s"): (2.5, "min"), ("dpo-recipe", "peak MiB"): (0.5, "max")}
 
 
 # --------------------------------------------------------------------------------- worker
-def tokens_per_step(bench: str, w: Workload) -> int:
-    return {"forward": w.batch * w.seq_len, "decode": w.decode_batch * w.decode_new,
-            "sft": w.batch * w.seq_len, "dpo": 2 * w.batch * w.seq_len}[bench]
+def tokens_per_step(bench: str, w: Workload, info: dict) -> int:
+    """Real tokens a step processes (padding not counted: the DPO steps report their own count)."""
+    if "num_tokens" in info:
+        return info["num_tokens"]
+    return {"forward": w.batch * w.seq_len, "decode": w.decode_batch * w.decode_new, "sft": w.batch * w.seq_len}[bench]
 
 
 def run_worker(system: str, job: str, w: Workload) -> dict:
@@ -50,16 +52,26 @@ def run_worker(system: str, job: str, w: Workload) -> dict:
     side = __import__(f"benchmarks.{system}_side", fromlist=["_"])
     bench, _, dtype = job.partition(":")
     path = model_dir(w)
-    step, info = getattr(side, f"{bench}_step")(path, w, dtype) if dtype else getattr(side, f"{bench}_step")(path, w)
+    make = getattr(side, f"{bench.replace('-', '_')}_step")
+    step, info = make(path, w, dtype) if dtype else make(path, w)
     result = time_steps(step, w)
     config = json.loads((Path(path) / "config.json").read_text())
-    tps = tokens_per_step(bench, w) / result["median_s"]
+    tps = tokens_per_step(bench, w, info) / result["median_s"]
     result |= {"system": system, "job": job, "tok_s": tps, "info": info,
                "step_mib": result["peak_mib"] - result["start_mib"]}
-    peak = peak_tflops(w.device)
-    if peak and bench != "decode":
-        result["mfu"] = tps * step_flops_per_token(bench, config, w.seq_len) / (peak * 1e12)
+    if bench != "decode":  # MFU against the measured peak is filled in by the parent
+        result["flops_per_token"] = step_flops_per_token(bench, config, round(info.get("mean_len", w.seq_len)))
     return result
+
+
+def run_probe(w: Workload) -> dict:
+    """The machine's measured bf16 matmul peak, with the workers' thread count."""
+    import torch
+
+    from benchmarks.common import measured_peak_tflops
+
+    torch.set_num_threads(w.threads)
+    return measured_peak_tflops(w.device, w.clock)
 
 
 # --------------------------------------------------------------------------------- parent
@@ -73,6 +85,8 @@ def jobs_for(benches: list[str], w: Workload) -> list[str]:
 def spawn(system: str, job: str, w: Workload, log) -> dict:
     """Run one worker in a fresh interpreter; return its result, or {"error": ...}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, job, "--workload", w.to_json()]
+    if system == "probe":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "--workload", w.to_json()]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(w.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -94,8 +108,14 @@ def job_label(job: str, w: Workload) -> str:
         return f"forward/prefill {dtype}, B={w.batch} T={w.seq_len}"
     if bench == "decode":
         return f"greedy decode {w.decode_dtype}, B={w.decode_batch} P={w.decode_prompt} N={w.decode_new}"
-    what = "QLoRA SFT step" if bench == "sft" else f"DPO step (B pairs, anita {w.dpo_layout} rows)"
-    return f"{what} {w.train_dtype}, B={w.batch} T={w.seq_len}, r={w.lora_r}, ckpt={'on' if w.gradient_checkpointing else 'off'}"
+    what = {"sft": "QLoRA SFT step", "dpo": "DPO step (B pairs)", "dpo-recipe": "DPO step, recipe shape"}[bench]
+    if bench != "sft":
+        what += f" (anita {w.dpo_layout} rows)"
+    shape = (f"P~{w.recipe_prompt[0]}-{w.recipe_prompt[1]} A~{w.recipe_answer[0]}-{w.recipe_answer[1]}"
+             if bench == "dpo-recipe" else f"T={w.seq_len}")
+    extra = "".join([", head bf16" if w.head_dtype != "fp32" else "", ", fused" if w.fused else ""])
+    return (f"{what} {w.train_dtype}, B={w.batch} {shape}, r={w.lora_r}, ckpt={w.checkpointing}, "
+            f"{w.threads} thr{extra}")
 
 
 def table(results: dict, jobs: list[str], w: Workload) -> str:
@@ -105,8 +125,8 @@ def table(results: dict, jobs: list[str], w: Workload) -> str:
         a, h = results.get(("anita", job), {}), results.get(("hf", job), {})
         bench = job.partition(":")[0]
         metrics = [("tok/s", "tok_s", 1)]
-        if w.device == "cuda" and bench != "decode":
-            metrics.append(("MFU %", "mfu", 1))
+        if bench != "decode":
+            metrics.append(("MFU %", "mfu", 1 if w.device == "cuda" else 2))
         if bench != "decode":
             metrics += [("peak MiB", "peak_mib", 0), ("step MiB", "step_mib", 0)]
         for i, (name, key, digits) in enumerate(metrics):
@@ -138,6 +158,22 @@ def checks(results: dict, jobs: list[str]) -> list[str]:
     return lines
 
 
+def run_setting(w: Workload, benches: list[str], systems: list[str], log) -> tuple[dict, list[str], dict]:
+    """One setting (checkpointing, threads): the peak probe, then every (job, system) in its own process."""
+    jobs = jobs_for(benches, w)
+    results, start = {}, time.time()
+    log(f"[{0:6.0f}s] probe bf16 matmul peak ({w.threads} threads)")
+    peak = spawn("probe", "peak", w, log)
+    for job in jobs:
+        for system in systems:
+            log(f"[{time.time() - start:6.0f}s] {system:5s} {job} (ckpt={w.checkpointing}, {w.threads} threads)")
+            r = spawn(system, job, w, log)
+            if "flops_per_token" in r and peak.get("tflops"):
+                r["mfu"] = r["tok_s"] * r["flops_per_token"] / (peak["tflops"] * 1e12)
+            results[system, job] = r
+    return results, jobs, peak
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -145,47 +181,66 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of anita,hf")
     p.add_argument("--repeats", type=int, help="timed steps per measurement (median reported)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default 1 on CPU)")
-    p.add_argument("--clock", choices=("cpu", "wall"), help="time steps by process CPU time (CPU default) or wall time")
+    p.add_argument("--threads", help="torch threads per worker, or a list (e.g. 1,2: one table each; default 1 on CPU)")
+    p.add_argument("--checkpointing", help="off, full or selective (anita; HF runs full for selective), or a list "
+                                           "(e.g. full,off: one table each); default full")
+    p.add_argument("--head-dtype", dest="head_dtype", choices=("fp32", "bf16"), help="anita's loss head matmuls")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, help="anita: fused q/k/v and gate/up matmuls")
+    p.add_argument("--clock", choices=("cpu", "wall"), help="time steps by process CPU time or wall time (default: "
+                                                          "CPU time with 1 thread on CPU, else wall time)")
     p.add_argument("--model", help="'smollm2' or 'random:<anita preset>' (e.g. random:llama-3.1-8b)")
+    p.add_argument("--batch", type=int, help="B (rows, or pairs for DPO)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="T of forward, SFT and the short DPO workload")
     p.add_argument("--train-dtype", dest="train_dtype", choices=("float32", "bfloat16"),
                    help="dtype of the SFT/DPO steps (activations, NF4 compute, unquantized weights)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--dpo-layout", dest="dpo_layout", choices=("shared", "packed", "two-row"),
                    help="anita's DPO batch layout (default shared, as `anita dpo`; two-row is TRL's)")
     p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "JOB"), help=argparse.SUPPRESS)
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.worker:
-        result = run_worker(*args.worker, Workload.from_json(args.workload))
+    if args.worker or args.probe:
+        w = Workload.from_json(args.workload)
+        result = run_probe(w) if args.probe else run_worker(*args.worker, w)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     w = default_workload(args.device, args.quick)
-    for name in ("repeats", "threads", "model", "clock", "train_dtype", "dpo_layout"):
+    for name in ("repeats", "model", "train_dtype", "head_dtype", "fused", "batch", "seq_len", "dpo_layout"):
         if getattr(args, name) is not None:
             setattr(w, name, getattr(args, name))
     benches = [b for b in args.only.split(",") if b]
     bad = [b for b in benches if b not in BENCHES]
     if bad:
         p.error(f"--only: unknown benchmark(s) {bad}; expected some of {BENCHES}")
+    modes = (args.checkpointing or w.checkpointing).split(",")
+    if any(m not in ("off", "full", "selective") for m in modes):
+        p.error(f"--checkpointing: expected off, full or selective (comma-separated), got {args.checkpointing!r}")
+    try:
+        threads = [int(t) for t in (args.threads or str(w.threads)).split(",")]
+    except ValueError:
+        p.error(f"--threads: expected integers (comma-separated), got {args.threads!r}")
     systems = [s for s in args.systems.split(",") if s]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    jobs = jobs_for(benches, w)
-    results, start = {}, time.time()
-    for job in jobs:
-        for system in systems:
-            log(f"[{time.time() - start:6.0f}s] {system:5s} {job}")
-            results[system, job] = spawn(system, job, w, log)
-    print(f"\nworkload: {w.to_json()}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"total {time.time() - start:.0f}s\n")
-    print(table(results, jobs, w))
-    print("\n" + "\n".join(checks(results, jobs)))
+    raw, start = [], time.time()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    for n in threads:
+        for mode in modes:
+            w.threads, w.checkpointing = n, mode
+            # CPU time is what a step costs on one idle core; with more threads only wall time says it
+            w.clock = args.clock or ("cpu" if n == 1 and w.device == "cpu" else "wall")
+            results, jobs, peak = run_setting(w, benches, systems, log)
+            print(f"\n### checkpointing {mode}, {n} thread(s); measured bf16 matmul peak "
+                  f"{peak.get('tflops', float('nan')):.3f} TFLOP/s ({peak.get('how', peak.get('error'))})\n")
+            print(f"workload: {w.to_json()}\n")
+            print(table(results, jobs, w))
+            print("\n" + "\n".join(checks(results, jobs)), flush=True)
+            raw.append({"workload": json.loads(w.to_json()), "peak": peak, "results": list(results.values())})
+    print(f"\ntotal {time.time() - start:.0f}s")
     if args.json:
-        args.json.write_text(json.dumps({"workload": json.loads(w.to_json()),
-                                         "results": [v for v in results.values()]}, indent=2))
+        args.json.write_text(json.dumps(raw, indent=2))
     return 0
 
 

@@ -68,7 +68,8 @@ def completion_logps(model, input_ids: torch.Tensor, completion_mask: torch.Tens
     hidden = model.hidden_states(input_ids)  # [N, T, D]
     with torch.autocast(hidden.device.type, enabled=False):  # the head and log-softmax in fp32
         logps, mean_logits = token_logps(hidden, output_head_weight(model), labels, chunk_size=chunk_size,
-                                         return_mean_logits=True)  # [N, T] each
+                                         return_mean_logits=True,
+                                         head_dtype=getattr(model, "head_dtype", None))  # [N, T] each
     scored = labels != IGNORE_INDEX  # [N, T]
     sums, _ = sequence_logps(logps, scored)  # [N]
     return RowLogps(sums, scored.sum(dim=-1), logps, scored, mean_logits.detach().sum(dim=-1))

@@ -155,7 +155,11 @@ class LoraLinear(nn.Module):
         return (self.lora_magnitude_vector.float() / self.dora_norm(adapted))[:, None] * adapted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (B, T, O)
+        return self.add_adapter(x, self.base_layer(x))  # (B, T, O)
+
+    def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + the adapter's update of input x, where y = base(x) (B, T, O) was computed by the caller
+        (`forward`, or a fused matmul of several frozen bases: `anita.model.fused`)."""
         if self.disabled:
             return y
         xa = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (B, T, I) in the adapter's dtype

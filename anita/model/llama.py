@@ -22,9 +22,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from anita.model.config import LlamaConfig
+from anita.model.fused import can_fuse, fused_projections
 
 # The seven projections of a block, by their HF names (docs/recipe.md: "q, k, v, o, gate, up, down").
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -139,12 +140,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, K * E, bias=False)
         self.v_proj = nn.Linear(D, K * E, bias=False)
         self.o_proj = nn.Linear(H * E, D, bias=False)
+        self.fused = False  # q/k/v as one frozen matmul (`anita.model.fused`); the plain path otherwise
+
+    def project_qkv(self, x):
+        """q (B, T, H·E), k and v (B, T, K·E): three projections, or one fused frozen matmul."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused and can_fuse(layers):
+            return fused_projections(x, layers)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.E).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.K, self.E).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(B, T, self.K, self.E).transpose(1, 2)  # (B, K, T, E)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.H, self.E).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(B, T, self.K, self.E).transpose(1, 2)  # (B, K, T, E)
+        v = v.view(B, T, self.K, self.E).transpose(1, 2)  # (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, E)
@@ -161,9 +171,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(D, Fh, bias=False)
         self.up_proj = nn.Linear(D, Fh, bias=False)
         self.down_proj = nn.Linear(Fh, D, bias=False)
+        self.fused = False  # gate/up as one frozen matmul (`anita.model.fused`); the plain path otherwise
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, D)
+        layers = (self.gate_proj, self.up_proj)
+        if self.fused and can_fuse(layers):
+            gate, up = fused_projections(x, layers)  # (B, T, F) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
+        return self.down_proj(F.silu(gate) * up)  # (B, T, F) -> (B, T, D)
 
 
 class Block(nn.Module):
@@ -201,6 +217,45 @@ def attention_mask_4d(attention_mask, T: int, S: int, device) -> torch.Tensor | 
     return allowed[:, None]  # (B, 1, T, S)
 
 
+# ------------------------------------------------------------------ activation checkpointing
+CHECKPOINTING = ("off", "full", "selective")
+# Ops whose outputs selective checkpointing keeps: the matmuls (the frozen NF4 projections: dequantize
+# + GEMM) and attention (the FLOPs that grow with T²), on CPU and CUDA.
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+_ATTENTION = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)}
+# bitsandbytes' fused dequantize + GEMM (its CPU path for 4-bit weights), matched by name: no import.
+_NF4_MATMULS = {"bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit"}
+
+
+def keep_projections(min_inner: int):
+    """The selective policy: keep an attention output, and a matmul output whose inner dimension is
+    at least `min_inner` (the projections: D, H·E or F); recompute everything else in backward, the
+    cheap element-wise work (RMSNorm, RoPE, SiLU·up, casts, residual adds, the NF4 dequantization)
+    and LoRA's rank-R second matmul (R ≪ D: 2·R FLOPs per element, cheaper than keeping it)."""
+    def policy(ctx, op, *args, **kwargs):
+        if op in _ATTENTION or op.name() in _NF4_MATMULS:
+            return CheckpointPolicy.MUST_SAVE
+        if op in _MATMULS and (args[1] if op is torch.ops.aten.addmm.default else args[0]).shape[-1] >= min_inner:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
+
+
+def checkpoint_block(block: nn.Module, mode: str, x, cos, sin, mask) -> torch.Tensor:
+    """block(x) whose activations are recomputed in backward: all of them ("full": only x is kept),
+    or only the cheap ones ("selective", `keep_projections`: the GEMM and attention outputs are kept)."""
+    if mode == "full":
+        return checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+    if mode != "selective":
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
+    policy = keep_projections(min_inner=max(1, x.shape[-1] // 4))  # D/4: above any LoRA rank in use
+    return checkpoint(block, x, cos, sin, mask, use_reentrant=False,
+                      context_fn=lambda: create_selective_checkpoint_contexts(policy))
+
+
 # -------------------------------------------------------------------------------- model
 class LlamaModel(nn.Module):
     """Embeddings, the stack of blocks and the final norm (HF's `model.` prefix)."""
@@ -224,7 +279,10 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # Non-persistent: recomputed from the config, never read from a checkpoint.
         self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
-        self.gradient_checkpointing = False  # recompute each block's activations in backward
+        self.checkpointing = "off"  # off, full or selective (`checkpoint_block`)
+        # dtype of the output head's matmuls when the losses score tokens (`anita.model.logprobs.token_logps`);
+        # None = fp32. forward() itself always applies lm_head as stored.
+        self.head_dtype: torch.dtype | None = None
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """The final-norm hidden states (B, T, D); the output head is left to the caller."""
@@ -236,8 +294,8 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # (B, T, E) each
         mask = attention_mask_4d(attention_mask, T, past + T, x.device)  # (B, 1, T, S) or None
         for block in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            if self.checkpointing != "off" and torch.is_grad_enabled() and cache is None:
+                x = checkpoint_block(block, self.checkpointing, x, cos, sin, mask)
             else:
                 x = block(x, cos, sin, mask, cache)
         if cache is not None:
@@ -246,6 +304,15 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True when any checkpointing is on; setting True means "full", False "off"."""
+        return self.checkpointing != "off"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.checkpointing = "full" if on else "off"
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Llama":
         """Random init as HF does (normal(0, std) linears/embeddings, ones for norms) — for tests."""

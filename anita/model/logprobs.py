@@ -30,7 +30,7 @@ time, so a bf16 head (tied to the embeddings or not) never gets a full fp32 copy
 import torch
 from torch import nn
 
-from anita.dtypes import math_dtype
+from anita.dtypes import WEIGHT_DTYPES, math_dtype, parse_dtype
 from anita.errors import AnitaError
 
 IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding); their log-prob is 0
@@ -38,11 +38,13 @@ DEFAULT_CHUNK_SIZE = 512  # tokens per chunk: the largest temporary is [chunk, V
 _VOCAB_SLICE = 16384  # rows of W cast to the compute dtype at once when W is stored in another dtype
 
 
-def plain_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def plain_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      head_dtype: torch.dtype | None = None) -> torch.Tensor:
     """log_softmax(hidden · Wᵀ)[labels], the definition. hidden [B, T, D], weight [V, D], labels [B, T]
-    (IGNORE_INDEX where not scored) -> [B, T] in the compute dtype, 0 where not scored."""
-    dtype = _math_dtype(hidden, weight)
-    logits = hidden.to(dtype) @ weight.to(dtype).T  # [B, T, V], all of it at once
+    (IGNORE_INDEX where not scored) -> [B, T] in the math dtype (fp32), 0 where not scored.
+    `head_dtype` bf16/fp16: the matmul in that dtype, its logits upcast for the fp32 log-softmax."""
+    dtype, low = _math_dtype(hidden, weight), head_matmul_dtype(head_dtype, hidden, weight)
+    logits = (hidden.to(low) @ weight.to(low).T).to(dtype)  # [B, T, V], all of it at once
     scored = labels != IGNORE_INDEX
     logps = logits.log_softmax(dim=-1).gather(-1, labels.masked_fill(~scored, 0)[..., None]).squeeze(-1)
     return logps.masked_fill(~scored, 0.0)  # [B, T]
@@ -85,6 +87,16 @@ def _project_back(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return grad_h
 
 
+def _logits(h: torch.Tensor, weight: torch.Tensor, head_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """h · Wᵀ as a matmul in `head_dtype`, returned in `dtype` for the log-softmax. h [n, D] -> [n, V].
+
+    The fp32 head (head_dtype = dtype = fp32) is the definition. A bf16/fp16 head runs the matmul in
+    the compute dtype (as HF/TRL's fused head does; 4-5x faster per FLOP on AVX512-BF16 CPUs and
+    tensor cores) and rounds each logit to it once, then upcasts for the fp32 log-softmax."""
+    logits = _project(h.to(head_dtype), weight)  # [n, V] in head_dtype
+    return logits if logits.dtype == dtype else logits.to(dtype)
+
+
 def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     """log Σ_v exp(logits) per row, [n, V] -> [n], overwriting `logits` (torch.logsumexp would
     allocate a second [n, V] buffer for exp(logits − max); at V = 128256 that is 256 MiB a chunk)."""
@@ -96,9 +108,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """log_softmax(hidden · Wᵀ)[labels] chunk by chunk; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
+    def forward(ctx, hidden, weight, labels, chunk_size, head_dtype=None):
         # hidden [N, D], weight [V, D], labels [N] (IGNORE_INDEX where not scored)
         dtype = _math_dtype(hidden, weight)
+        head_dtype = head_dtype or dtype  # the matmul's dtype; the log-softmax is always in `dtype`
         scored = labels != IGNORE_INDEX
         targets = labels.masked_fill(~scored, 0)  # [N] a valid index everywhere, masked out below
         logps = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)  # [N]
@@ -106,7 +119,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         mean_logits = torch.zeros_like(logps)  # [N] (1/V) Σ_v logit_v, a metric only
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = _project(hidden[rows].to(dtype), weight)  # [n, V]
+            logits = _logits(hidden[rows], weight, head_dtype, dtype)  # [n, V] in `dtype`
             label_logit = logits.gather(1, targets[rows, None]).squeeze(1)  # [n]
             mean_logits[rows] = logits.mean(dim=-1)
             lse[rows] = _logsumexp_(logits)  # overwrites logits: no second [n, V] buffer
@@ -114,7 +127,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         logps = logps.masked_fill(~scored, 0.0)
         mean_logits = mean_logits.masked_fill(~scored, 0.0)
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.head_dtype = chunk_size, head_dtype
         ctx.mark_non_differentiable(mean_logits)
         return logps, mean_logits
 
@@ -130,18 +143,22 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            h = hidden[rows].to(lse.dtype)  # [n, D]
-            probs = _project(h, weight).sub_(lse[rows, None]).exp_()  # [n, V] softmax, recomputed in place
+            h = hidden[rows].to(ctx.head_dtype)  # [n, D]
+            probs = _logits(h, weight, ctx.head_dtype, lse.dtype).sub_(lse[rows, None]).exp_()  # [n, V] softmax
             # d(g · log p_y)/d logits = g · (onehot(y) − p)
             grad_logits = probs.mul_(-g[rows, None])  # [n, V]
             grad_logits.scatter_add_(1, targets[rows, None], g[rows, None])
+            grad_logits = grad_logits.to(ctx.head_dtype)  # no copy for the fp32 head
             if need_hidden:
                 grad_hidden[rows] = _project_back(grad_logits, weight).to(hidden.dtype)
             if need_weight:
-                grad_weight.addmm_(grad_logits.T, h)  # [V, D] accumulated in the compute dtype
+                if h.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.T, h)  # [V, D] accumulated in the math dtype
+                else:
+                    grad_weight += (grad_logits.T @ h).to(grad_weight.dtype)  # a low-precision head
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _check_inputs(hidden, weight, labels, chunk_size) -> None:
@@ -174,6 +191,7 @@ def token_logps(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_mean_logits: bool = False,
+    head_dtype: torch.dtype | None = None,
 ):
     """Per-token log p(labels | hidden) under the LM head `weight`, without the full [B, T, V] logits.
 
@@ -185,19 +203,34 @@ def token_logps(
     With return_mean_logits, also returns the mean over the vocabulary of each position's logits
     ([B, T], no gradient, 0 at ignored positions) — TRL's `logits/chosen` metric is its average over
     the completion tokens.
+
+    head_dtype: None or fp32 (default) computes the logits in fp32; bf16 or fp16 runs the head's
+    matmuls (forward, recomputation, gradients) in that dtype, keeping the log-softmax and the
+    returned log-probs in fp32 (`head_matmul_dtype`).
     """
     _check_inputs(hidden, weight, labels, chunk_size)
+    head_dtype = head_matmul_dtype(head_dtype, hidden, weight)
     B, T, D = hidden.shape
     labels = labels.reshape(B * T)  # [N]
     # Only scored positions go through the head (DPO's prompts, padding and SFT's masked prompts
     # skip it); the rest get 0 and no gradient.
     scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [M]
     logps, mean_logits = _ChunkedTokenLogps.apply(
-        hidden.reshape(B * T, D)[scored], weight, labels[scored], chunk_size
+        hidden.reshape(B * T, D)[scored], weight, labels[scored], chunk_size, head_dtype
     )  # [M], [M]
     logps = logps.new_zeros(B * T).index_copy(0, scored, logps).view(B, T)  # [B, T]
     mean_logits = mean_logits.new_zeros(B * T).index_copy(0, scored, mean_logits).view(B, T)
     return (logps, mean_logits) if return_mean_logits else logps
+
+
+def head_matmul_dtype(head_dtype, hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the head's matmuls: the math dtype (fp32; fp64 for gradcheck) unless `head_dtype`
+    asks for a lower one (bf16 or fp16, or their names)."""
+    dtype = _math_dtype(hidden, weight)
+    if head_dtype is None:
+        return dtype
+    head_dtype = parse_dtype(head_dtype, WEIGHT_DTYPES, "token_logps: `head_dtype`")
+    return dtype if dtype == torch.float64 else head_dtype
 
 
 def next_token_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

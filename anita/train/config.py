@@ -25,7 +25,7 @@ import yaml
 
 from anita.dtypes import PRECISIONS
 from anita.errors import AnitaError
-from anita.model.llama import PROJECTIONS
+from anita.model.llama import CHECKPOINTING, PROJECTIONS
 from anita.sources import parse_columns
 
 if sys.version_info >= (3, 11):
@@ -74,7 +74,17 @@ class TrainConfig:
     targets: list[str] = flag(list(PROJECTIONS), "comma-separated module names a fresh adapter adapts, or all-linear")
     precision: str = flag("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; many CPUs are slow at bf16)",
                           choices=list(PRECISIONS))
-    gradient_checkpointing: bool = flag(True, "recompute each block's activations in the backward pass")
+    gradient_checkpointing: bool = flag(True, "recompute each block's activations in the backward pass (the "
+                                              "older switch: true = --checkpointing full, false = off)")
+    checkpointing: str | None = flag(None, "activation checkpointing: full (recompute each block), selective (keep "
+                                           "the projection and attention outputs, recompute the element-wise work) "
+                                           "or off; default: full, or off with --no-gradient-checkpointing",
+                                     choices=list(CHECKPOINTING))
+    head_dtype: str = flag("fp32", "dtype of the output head's matmuls in the loss: fp32, or bf16 (as HF/TRL; the "
+                                   "log-softmax stays fp32; docs/speed.md gives the loss difference)",
+                           choices=["fp32", "bf16"])
+    fused_projections: bool = flag(False, "run the frozen q/k/v and gate/up base weights as one matmul each "
+                                          "(equal to the plain path up to rounding; checkpoints keep HF's names)")
     device: str = flag("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
     # ------------------------------------------------------------------------------- data
     max_length: int = flag(1024, "longest sequence in tokens; longer rows are cut at the end (TRL's default)")
@@ -145,13 +155,14 @@ class TrainConfig:
             raise AnitaError(f"{source}: 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}")
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value not in choices and not (value is None and _field_type(type(self), f.name)[1]):
                 raise AnitaError(f"{source}: {f.name!r} must be one of {', '.join(choices)}, got {value!r}")
         if not self.targets:
             raise AnitaError(f"{source}: 'targets' must name at least one module")
         if self.max_tokens is not None and "batch_size" in given:
             raise AnitaError(f"{source}: set either 'batch_size' (rows per micro-batch) or 'max_tokens' (a token "
                              "budget per micro-batch), not both")
+        checkpoint_mode(self, source, given)
         if self.adapter:
             unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
             if unused:
@@ -161,6 +172,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def checkpoint_mode(cfg: TrainConfig, source: str = "config", given: set[str] = frozenset()) -> str:
+    """The activation checkpointing a run uses: `checkpointing`, or from the older `gradient_checkpointing`
+    (true = full, false = off); the two set to disagreeing values is an error."""
+    old = "full" if cfg.gradient_checkpointing else "off"
+    if cfg.checkpointing is None:
+        return old
+    if "gradient_checkpointing" in given and (old == "off") != (cfg.checkpointing == "off"):
+        raise AnitaError(f"{source}: gradient_checkpointing = {str(cfg.gradient_checkpointing).lower()} contradicts "
+                         f"checkpointing = {cfg.checkpointing}; keep only checkpointing")
+    return cfg.checkpointing
 
 
 # ------------------------------------------------------------------------ value checking

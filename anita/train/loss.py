@@ -25,8 +25,9 @@ def sft_loss(model, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Summed NLL of the batch's labelled tokens, their count, and no extra metrics."""
     hidden = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
                                  position_ids=batch["position_ids"])  # (B, T, D)
-    # Outside autocast: under bf16 autocast the head's matmul would run in bf16; the loss is fp32.
+    # Outside autocast: the head's matmul runs in fp32 unless model.head_dtype asks for bf16; the loss is fp32.
     with torch.autocast(hidden.device.type, enabled=False):
-        logps = token_logps(hidden, output_head_weight(model), batch["labels"], chunk_size=chunk_size)  # (B, T)
+        logps = token_logps(hidden, output_head_weight(model), batch["labels"], chunk_size=chunk_size,
+                            head_dtype=getattr(model, "head_dtype", None))  # (B, T)
     count = (batch["labels"] != IGNORE_INDEX).sum()
     return -logps.sum(), count, {}

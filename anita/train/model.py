@@ -12,7 +12,8 @@ import torch
 from anita.dtypes import PRECISIONS
 from anita.lora import LoraConfig, apply_lora, load_adapter
 from anita.model import from_pretrained
-from anita.train.config import TrainConfig
+from anita.model.fused import set_fused_projections
+from anita.train.config import TrainConfig, checkpoint_mode
 from anita.train.distributed import DistInfo
 
 
@@ -32,7 +33,9 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo):
     dtype = PRECISIONS[cfg.precision]
     quant = {"quantize": "nf4", "quantize_kwargs": {"compute_dtype": dtype}} if cfg.qlora else {}
     model = from_pretrained(cfg.model, dtype=dtype, device=info.device, **quant)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.checkpointing = checkpoint_mode(cfg)
+    model.head_dtype = None if cfg.head_dtype == "fp32" else PRECISIONS[cfg.head_dtype]
     torch.manual_seed(cfg.seed)
     report = load_adapter(model, cfg.adapter) if cfg.adapter else apply_lora(model, lora_config(cfg))
+    set_fused_projections(model, cfg.fused_projections)
     return model, report

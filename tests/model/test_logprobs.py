@@ -289,3 +289,27 @@ def test_bad_inputs_raise_anita_error():
         sequence_logps(torch.zeros(2, 3), torch.ones(2, 4))
     with pytest.raises(AnitaError, match="must both be"):
         next_token_labels(torch.zeros(2, 3, dtype=torch.long), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("chunk_size", [3, 512])
+def test_low_precision_head_matches_its_plain_version(chunk_size):
+    """head_dtype=bf16: the chunked head equals the plain definition with a bf16 matmul and an fp32
+    log-softmax (values and gradients), and both stay close to the fp32 head (bf16 logits carry
+    ~3 significant digits). The chunked matmul sees other row blocks than the [B, T, V] one; oneDNN's
+    bf16 GEMM accumulates in fp32 either way, so they agree to fp32 rounding of the logits."""
+    hidden, weight, labels = _inputs(B=3, T=9, D=16, V=40, seed=3)
+    expected = plain_token_logps(hidden, weight, labels, head_dtype=torch.bfloat16)
+    got = token_logps(hidden, weight, labels, chunk_size=chunk_size, head_dtype="bf16")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    g_exp = torch.autograd.grad(expected.sum(), (hidden, weight))
+    g_got = torch.autograd.grad(got.sum(), (hidden, weight))
+    torch.testing.assert_close(g_got[0], g_exp[0], atol=1e-6, rtol=0)  # grad_hidden: the same bf16 matmul
+    # grad_W: the plain version rounds Σ_tokens to bf16 once; the chunked one rounds each chunk's sum and
+    # adds them in fp32, so they differ by bf16 rounding (|grad| ~ 5 here, bf16 step 0.03).
+    torch.testing.assert_close(g_got[1], g_exp[1], atol=3e-2, rtol=0)
+    fp32 = plain_token_logps(hidden, weight, labels)
+    assert 0 < (got - fp32).abs().max() < 0.2  # really rounded, and only by bf16's rounding
+    assert torch.equal(token_logps(hidden, weight, labels, head_dtype=torch.float32), token_logps(hidden, weight, labels))
+    with pytest.raises(AnitaError, match="head_dtype"):
+        token_logps(hidden, weight, labels, head_dtype="int8")

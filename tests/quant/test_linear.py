@@ -210,3 +210,14 @@ def test_bad_use_raises(make, message):
     with pytest.raises(AnitaError) as e:
         make()
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_for_matmul_is_bit_equal_to_dequantize(compute_dtype):
+    """The fast dequantization (bitsandbytes' kernel, used by the fused projections) returns the same
+    bits as anita's plain `dequantize` (value = code · absmax in fp32, rounded once)."""
+    pytest.importorskip("bitsandbytes")
+    linear = torch.nn.Linear(128, 96, bias=False)
+    layer = Linear4bit.from_linear(linear, compute_dtype=compute_dtype, backend="bnb")
+    assert torch.equal(layer.dequantize_for_matmul(), layer.dequantize())
+    assert layer.dequantize_for_matmul().dtype == compute_dtype

@@ -118,3 +118,26 @@ def test_bare_defaults_are_what_a_trl_user_expects():
     cfg = parse(REQUIRED)
     assert (cfg.batch_size, cfg.grad_accum, cfg.warmup_steps, cfg.warmup_ratio, cfg.optimizer, cfg.weight_decay,
             cfg.max_length, cfg.gradient_checkpointing) == (8, 1, 0, None, "adamw", 0.0, 1024, True)
+
+
+def test_checkpointing_modes_and_the_older_switch(tmp_path):
+    """--checkpointing full|selective|off; the older gradient_checkpointing true/false still works
+    (full/off); the two set to disagree is one clear error."""
+    from anita.train.config import checkpoint_mode
+
+    assert checkpoint_mode(parse(REQUIRED)) == "full"
+    assert checkpoint_mode(parse(REQUIRED + ["--no-gradient-checkpointing"])) == "off"
+    assert checkpoint_mode(parse(REQUIRED + ["--checkpointing", "selective"])) == "selective"
+    assert checkpoint_mode(parse(REQUIRED + ["--gradient-checkpointing", "--checkpointing", "selective"])) == "selective"
+    with pytest.raises(AnitaError, match="gradient_checkpointing = false contradicts checkpointing = selective"):
+        parse(REQUIRED + ["--no-gradient-checkpointing", "--checkpointing", "selective"])
+    old = tmp_path / "old.toml"
+    old.write_text("gradient_checkpointing = false\n")
+    assert checkpoint_mode(parse(REQUIRED + ["--config", str(old)])) == "off"
+    with pytest.raises(SystemExit):
+        parse(REQUIRED + ["--checkpointing", "some"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('checkpointing = "partial"\n')
+    with pytest.raises(AnitaError, match="'checkpointing' must be one of"):
+        parse(REQUIRED + ["--config", str(bad)])
+    assert parse(REQUIRED + ["--head-dtype", "bf16", "--fused-projections"]).fused_projections

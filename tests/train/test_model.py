@@ -63,3 +63,20 @@ def test_training_can_continue_a_saved_adapter(tiny_run_model, tmp_path):
     want, got = lora_state_dict(first), lora_state_dict(again)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert all(p.requires_grad for p in lora_parameters(again))
+
+
+def test_speed_options_reach_the_model(tiny_run_model):
+    """--checkpointing, --head-dtype and --fused-projections are set on the loaded model, and the SFT
+    loss with all three stays within bf16 head rounding of the plain one (the exactness of each is
+    tested beside its code: tests/model/test_fast_paths.py, tests/model/test_logprobs.py)."""
+    example, _ = make_example(list(range(40, 80)), [0] * 20 + [1] * 20, 64)
+    batch = collate([[example]], pad_id=0)
+    losses = {}
+    for name, kw in {"plain": {}, "fast": dict(checkpointing="selective", head_dtype="bf16",
+                                               fused_projections=True)}.items():
+        model, _ = load_trainable_model(_cfg(tiny_run_model, qlora=True, **kw), DistInfo())
+        losses[name] = (sft_loss(model, batch)[0] / 20).item()
+        if name == "fast":
+            assert model.checkpointing == "selective" and model.head_dtype == torch.bfloat16
+            assert model.model.layers[0].self_attn.fused and model.model.layers[0].mlp.fused
+    assert abs(losses["fast"] - losses["plain"]) < 2e-2 * abs(losses["plain"])
