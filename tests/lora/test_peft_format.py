@@ -202,7 +202,7 @@ BAD = {
     "not lora": (lambda a: _edit_config(a, peft_type="IA3"), "peft_type is 'IA3', expected 'LORA'"),
     "rank pattern": (lambda a: _edit_config(a, rank_pattern={"q_proj": 8}), "rank_pattern=.* is not supported"),
     "bias": (lambda a: _edit_config(a, bias="all"), "bias='all' is not supported"),
-    "bad alpha": (lambda a: _edit_config(a, lora_alpha=-1), "adapter_config.json: LoraConfig.alpha"),
+    "bad alpha": (lambda a: _edit_config(a, lora_alpha=-1), "adapter_config.json: lora_alpha must be a finite number > 0"),
     "rank mismatch": (lambda a: _edit_config(a, r=8), r"lora_A.weight' has shape \(4, (\d+)\), expected \(8, \1\) \(r=8"),
     "dora without flag": (lambda a: _edit_tensors(a, lambda t: t.update(
         {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)})),

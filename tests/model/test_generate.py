@@ -81,7 +81,7 @@ def test_cli_generate_streams_a_chat_answer(smollm2_dir):
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0.9"], "--top-p: only when sampling; --temperature 0.0 is greedy"),
     (["--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p: only when sampling"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
 ])
 def test_cli_refuses_flags_greedy_decoding_would_ignore(flags, message, capsys):
     """Refused before any model is loaded (the model path does not even exist)."""
