@@ -33,7 +33,7 @@ def check_number(where: str, value, low=None, high=None, *, low_open: bool = Fal
         ok = value < high if high_open else value <= high
     if not ok:
         raise AnitaError(f"{where} must be {'an integer' if integer else 'a finite number'}"
-                         f"{range_text(low, high, low_open, high_open)}, got {shown or repr(value)}")
+                         f"{range_text(low, high, low_open, high_open)}, got {shown or repr(value)[:40]}")
     return value
 
 

@@ -128,6 +128,22 @@ def test_settings_are_checked_up_front():
         DPOSettings(discopop_tau=0.2)
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(beta=float("inf")), "beta must be a finite number > 0, got inf"),  # every loss NaN at step 1 (issue 18)
+    (dict(beta=float("nan")), "beta must be a finite number > 0, got nan"),
+    (dict(rpo_alpha=float("inf")), "rpo_alpha must be a finite number >= 0, got inf"),
+    (dict(loss_type="kto", desirable_weight=float("inf")), "must be finite numbers > 0"),
+    (dict(loss_type="discopop", discopop_tau=float("inf")), "discopop_tau must be a finite number > 0"),
+])
+def test_non_finite_settings_are_refused(settings, message):
+    with pytest.raises(AnitaError, match=message):
+        DPOSettings(**settings)
+    loss = settings.pop("loss_type", "sigmoid")
+    [(field, value)] = settings.items()
+    with pytest.raises(AnitaError, match=f"config: '{field}' must be a finite number, got {value}"):  # a run's config
+        DPOConfig(model="m", data="d", output="o", loss=loss, **settings).validate()
+
+
 def test_discopop_tau_reaches_the_loss(tiny_run_model, batch):
     """--discopop-tau is a run setting (DPOConfig -> DPOSettings -> dpo_loss): the step's loss is
     dpo_loss with that τ, and differs from the default τ's."""
