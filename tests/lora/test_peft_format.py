@@ -181,6 +181,7 @@ def _saved(tmp_path, variant="llama3", **config):
 
 
 Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+NAN, INF = float("nan"), float("inf")
 
 
 def _edit_config(adapter, **fields):
@@ -220,13 +221,13 @@ BAD = {
         {"base_model.model.model.norm.lora_A.weight": torch.ones(4, 64)})),
         "targets 'model.norm': a RMSNorm, not a linear"),
     # issue 18: each of these loaded, and merged to NaN or to a model PEFT would not build
-    "nan alpha": (lambda a: _edit_config(a, lora_alpha=float("nan")), "lora_alpha must be a finite number > 0, got nan"),
-    "inf alpha": (lambda a: _edit_config(a, lora_alpha=float("inf")), "lora_alpha must be a finite number > 0, got inf"),
-    "nan dropout": (lambda a: _edit_config(a, lora_dropout=float("nan")), "lora_dropout must be a finite number in"),
-    "nan tensor": (lambda a: _edit_tensors(a, lambda t: t[Q0_A].__setitem__((0, 0), float("nan"))),
+    "nan alpha": (lambda a: _edit_config(a, lora_alpha=NAN), "lora_alpha must be a finite number > 0, got nan"),
+    "inf alpha": (lambda a: _edit_config(a, lora_alpha=INF), "lora_alpha must be a finite number > 0, got inf"),
+    "nan dropout": (lambda a: _edit_config(a, lora_dropout=NAN), "lora_dropout must be a finite number in"),
+    "nan tensor": (lambda a: _edit_tensors(a, lambda t: t[Q0_A].__setitem__((0, 0), NAN)),
                    rf"adapter_model.safetensors: tensor '{Q0_A}' holds 1 non-finite value\(s\)"),
-    "inf tensor": (lambda a: _edit_tensors(a, lambda t: t[Q0_A].fill_(float("-inf"))), f"tensor '{Q0_A}' holds 256 non"),
-    "int tensor": (lambda a: _edit_tensors(a, lambda t: t.update({Q0_A: t[Q0_A].long()})), "dtype int64, expected float"),
+    "inf tensor": (lambda a: _edit_tensors(a, lambda t: t[Q0_A].fill_(-INF)), f"tensor '{Q0_A}' holds 256 non"),
+    "int tensor": (lambda a: _edit_tensors(a, lambda t: t.update({Q0_A: t[Q0_A].long()})), "dtype int64, expected"),
     "target nope": (lambda a: _edit_config(a, target_modules=["q_proj", "nope_proj"]),
                     "adapter_config.json: target_modules: 'nope_proj' matches no module of this model; its linears are "
                     "named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
