@@ -58,7 +58,10 @@ def resume_command(argv: list[str] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and its one-line error (exit 2), or --help (0)
+        return e.code
     try:
         return args.func(args) or 0
     except AnitaError as e:

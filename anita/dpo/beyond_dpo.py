@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from anita.dpo.loss import DISCOPOP_TAU, LOSS_TYPES, check_loss_args, check_vector
 from anita.dtypes import math_dtype
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
 
 REFERENCE_FREE = ("orpo", "simpo")  # no π_ref, mean per-token log-probs
 BEYOND_DPO = (*REFERENCE_FREE, "kto")
@@ -56,8 +56,7 @@ def check_preference_args(loss_type: str, beta: float, *, label_smoothing: float
     if loss_type in LOSS_TYPES:
         check_loss_args(loss_type, beta, label_smoothing, discopop_tau)
         return
-    if not beta > 0:
-        raise AnitaError(f"{where}: beta must be > 0, got {beta}")
+    check_number(f"{where}: beta", beta, 0, low_open=True)
     if discopop_tau != DISCOPOP_TAU:
         raise AnitaError(f"{where}: discopop_tau is only used by loss_type 'discopop', not {loss_type!r}")
     if loss_type != "simpo" and label_smoothing != 0.0:
@@ -66,8 +65,8 @@ def check_preference_args(loss_type: str, beta: float, *, label_smoothing: float
         raise AnitaError(f"{where}: label_smoothing must lie in [0, 1], got {label_smoothing}")
     if not (math.isfinite(simpo_gamma) and simpo_gamma >= 0):
         raise AnitaError(f"{where}: simpo_gamma (the target reward margin γ) must be >= 0, got {simpo_gamma}")
-    if not (desirable_weight > 0 and undesirable_weight > 0):
-        raise AnitaError(f"{where}: desirable_weight and undesirable_weight must be > 0, "
+    if not (0 < desirable_weight < math.inf and 0 < undesirable_weight < math.inf):
+        raise AnitaError(f"{where}: desirable_weight and undesirable_weight must be finite numbers > 0, "
                          f"got {desirable_weight} and {undesirable_weight}")
     if logps is not None:
         _check_logps(where, loss_type, logps)

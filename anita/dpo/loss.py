@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from anita.dtypes import math_dtype
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
 
 
 @dataclass(frozen=True)
@@ -277,10 +277,8 @@ def check_loss_args(loss_type: str, beta: float, label_smoothing: float = 0.0, d
     """
     if loss_type not in LOSSES:
         raise AnitaError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
-    if not beta > 0:
-        raise AnitaError(f"dpo_loss: beta must be > 0, got {beta}")
-    if not discopop_tau > 0:
-        raise AnitaError(f"dpo_loss: discopop_tau must be > 0, got {discopop_tau}")
+    check_number("dpo_loss: beta", beta, 0, low_open=True)  # beta = inf makes every loss NaN
+    check_number("dpo_loss: discopop_tau", discopop_tau, 0, low_open=True)
     if loss_type != "discopop" and discopop_tau != DISCOPOP_TAU:
         raise AnitaError(f"dpo_loss: discopop_tau is only used by loss_type 'discopop', not {loss_type!r}")
     interval = _SMOOTHING_RANGE.get(loss_type)

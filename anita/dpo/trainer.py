@@ -54,7 +54,7 @@ from anita.dpo.beyond_dpo import (
 )
 from anita.dpo.logps import PairLogps, RowLogps, completion_logps, concatenated_logps
 from anita.dpo.loss import DISCOPOP_TAU, dpo_loss, rpo_nll
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
 from anita.model.logprobs import DEFAULT_CHUNK_SIZE
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -82,8 +82,8 @@ class DPOSettings:
                                   desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
         except AnitaError as e:
             raise AnitaError(f"DPOSettings: {re.sub(r'^[a-z]+_loss: ', '', str(e))}") from None
-        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
-            raise AnitaError(f"DPO: rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.rpo_alpha is not None:
+            check_number("DPO: rpo_alpha", self.rpo_alpha, 0)
         if self.rpo_alpha is not None and self.loss_type == "kto":
             raise AnitaError("DPO: rpo_alpha (an NLL of the chosen answers) does not apply to unpaired KTO")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:

@@ -177,7 +177,7 @@ class HarnessRequests:
         do_sample = temperature > 0 if do_sample is None else bool(do_sample)
         max_gen_toks = positive_int("max_gen_toks", gen_kwargs.get("max_gen_toks", self.max_gen_toks))
         return {"until": until, "max_gen_toks": max_gen_toks, "temperature": (temperature or 1.0) if do_sample else 0.0,
-                "top_k": gen_kwargs.get("top_k") if do_sample else None,
+                "top_k": (gen_kwargs.get("top_k") or None) if do_sample else None,  # 0: transformers' "no cut"
                 "top_p": gen_kwargs.get("top_p") if do_sample else None}
 
     def generate_batch(self, prompts: list[list[int]], until: list[str], max_gen_toks: int, **sampling) -> list[str]:

@@ -25,7 +25,8 @@ from anita.export.tokenizer import TokenizerMetadata, chat_template, tokenizer_m
 from anita.export.ollama import modelfile_text
 from anita.files import atomic_write, write_text
 from anita.lora import load_adapter, merge_lora
-from anita.model import LlamaConfig, Tokenizer, from_pretrained
+from anita.lora.pretrained import read_adapter_for
+from anita.model import LlamaConfig, Tokenizer, check_finite, from_pretrained
 from anita.model.config import read_config_json
 from anita.model.gguf import GGUF_TO_HF, rope_factors
 from anita.model.llama import Llama
@@ -113,11 +114,14 @@ def add_tokenizer(writer: GGUFWriter, meta: TokenizerMetadata, template: str | N
 
 
 def load_merged(model_dir, adapter=None) -> Llama:
-    """The fp32 model, with the LoRA adapter (if any) merged into the unquantized weights."""
+    """The fp32 model, with the LoRA adapter (if any, checked before the base loads) merged into the
+    unquantized weights, and checked finite."""
+    files = read_adapter_for(Path(model_dir), adapter)
     model = from_pretrained(model_dir, dtype=torch.float32)
-    if adapter is not None:
-        load_adapter(model, adapter)
+    if files is not None:
+        load_adapter(model, files)
         merge_lora(model)
+        check_finite(model, f"merging {adapter} into {model_dir}")
     return model.eval()
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anita.dtypes import ADAPTER_DTYPES, parse_dtype
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
 from anita.model.llama import PROJECTIONS
 from anita.quant import Linear4bit
 
@@ -48,10 +48,8 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise AnitaError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise AnitaError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise AnitaError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_number("LoraConfig.alpha", self.alpha, 0, low_open=True)  # NaN or inf: every merged weight NaN
+        check_number("LoraConfig.dropout", self.dropout, 0, 1, high_open=True)
         if self.init not in INITS:
             raise AnitaError(f"LoraConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
         self.dtype = parse_dtype(self.dtype, ADAPTER_DTYPES, "LoraConfig.dtype (adapter weights)")

@@ -54,15 +54,19 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
     for target in target_modules:
         hits = [n for n in modules if n == target or n.endswith("." + target)]
         if not hits:
-            known = sorted({n.rpartition(".")[2] for n in linears})
             raise AnitaError(f"LoraConfig.target_modules: {target!r} matches no module of this model; "
-                             f"its linears are named {', '.join(known)}")
+                             f"its linears are named {', '.join(linear_kinds(model))}")
         for n in hits:
             if not is_base_linear(modules[n]):
                 raise AnitaError(f"LoraConfig.target_modules: {target!r} selects {n!r}, a "
                                  f"{type(modules[n]).__name__}, not a linear LoRA can wrap")
         chosen.update(hits)
     return [n for n in linears if n in chosen]  # in model order
+
+
+def linear_kinds(model: nn.Module) -> list[str]:
+    """The last parts of the names of the linears LoRA can wrap ("down_proj", ..., "v_proj"), sorted."""
+    return sorted({n.rpartition(".")[2] for n, m in model.named_modules() if is_base_linear(m)})
 
 
 def wrap_modules(model: nn.Module, names: list[str], config: LoraConfig) -> None:

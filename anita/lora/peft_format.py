@@ -6,8 +6,10 @@ tensor keys are the model's own keys under `base_model.model.`, e.g.
 and DoRA's magnitude `...lora_magnitude_vector` (O,). anita's LoRA layers use PEFT's attribute
 names, so the only mapping is that prefix. Files are written to a temporary name and renamed.
 
-Loading validates everything (config fields, every key, every shape) before touching the model:
-on an error the model is unchanged.
+Loading validates everything (config fields and numbers, every key, every shape, finite values,
+`target_modules`) before touching the model: on an error the model is unchanged. `read_adapter`
+does the part that needs no model, and `check_adapter_fits` the rest against a model or its
+meta-device skeleton, so a bad adapter is refused before a base model's weights are read.
 
 Shapes: I input features, O output features, R LoRA rank.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +29,8 @@ from torch import nn
 from anita.errors import AnitaError
 from anita.files import save_safetensors, write_json
 from anita.lora.layer import LoraConfig, is_base_linear
-from anita.lora.model import (LoraReport, check_wrappable, freeze_all_but_lora, load_lora_state_dict, lora_layers,
-                              lora_state_dict, wrap_modules)
+from anita.lora.model import (LoraReport, check_wrappable, find_targets, freeze_all_but_lora, linear_kinds,
+                              load_lora_state_dict, lora_layers, lora_state_dict, wrap_modules)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -77,11 +80,20 @@ def target_module_names(model: nn.Module, wrapped: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- load
-def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> LoraReport:
-    """Wrap `model`'s linears as a PEFT adapter directory says and load its weights (LoRA, rsLoRA, DoRA).
+@dataclass
+class AdapterFiles:
+    """An adapter directory read and checked on its own, before any model is involved."""
 
-    The adapter weights are kept in `dtype` (float32 or bfloat16). Returns the `LoraReport`.
-    """
+    path: Path
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]  # PEFT's keys, every value finite
+    targets: list[str]  # the module names the tensors adapt, sorted
+    target_modules: list[str] | str | None  # as adapter_config.json gives them (None: not given)
+
+
+def read_adapter(adapter_dir, dtype=torch.float32) -> AdapterFiles:
+    """Read an adapter directory and check all it can be checked without a model: config fields
+    and numbers, tensor names, finite values. The weights are kept in `dtype`."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AnitaError(f"{adapter_dir}: no such adapter directory")
@@ -90,12 +102,20 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> LoraRepo
                          f"{adapter_dir / 'adapter'}")
     tensors = read_adapter_weights(adapter_dir / WEIGHTS_FILE)
     targets = adapter_targets(adapter_dir / WEIGHTS_FILE, tensors)
-    config = read_adapter_config(adapter_dir / CONFIG_FILE, dtype, targets)
-    names = [n for n, m in model.named_modules() if n in targets]  # model order
-    check_wrappable(model, names)
-    check_adapter_fits(model, adapter_dir / WEIGHTS_FILE, tensors, targets, config)
-    wrap_modules(model, names, config)
-    load_lora_state_dict(model, _model_keys(tensors))
+    config, target_modules = read_adapter_config(adapter_dir / CONFIG_FILE, dtype, targets)
+    return AdapterFiles(adapter_dir, config, tensors, targets, target_modules)
+
+
+def load_adapter(model: nn.Module, adapter, dtype=torch.float32) -> LoraReport:
+    """Wrap `model`'s linears as a PEFT adapter directory (or the `AdapterFiles` read from one) says
+    and load its weights (LoRA, rsLoRA, DoRA).
+
+    The adapter weights are kept in `dtype` (float32 or bfloat16). Returns the `LoraReport`.
+    """
+    files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter, dtype)
+    names = check_adapter_fits(model, files)
+    wrap_modules(model, names, files.config)
+    load_lora_state_dict(model, _model_keys(files.tensors))
     return freeze_all_but_lora(model)
 
 
@@ -110,8 +130,9 @@ def _model_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): t for k, t in tensors.items()}
 
 
-def read_adapter_config(path: Path, dtype, targets: list[str]) -> LoraConfig:
-    """PEFT's `adapter_config.json` as a `LoraConfig`; anything anita cannot reproduce is an error."""
+def read_adapter_config(path: Path, dtype, targets: list[str]) -> tuple[LoraConfig, list[str] | str | None]:
+    """PEFT's `adapter_config.json` as a `LoraConfig` and its `target_modules`; anything anita cannot
+    reproduce is an error, and so is a number that is not finite (`lora_alpha: NaN` merges to NaN)."""
     if not path.is_file():
         raise AnitaError(f"{path}: adapter config not found")
     try:
@@ -137,11 +158,30 @@ def read_adapter_config(path: Path, dtype, targets: list[str]) -> LoraConfig:
     # These only choose where a new adapter starts; the loaded weights replace that start.
     init = "gaussian" if init == "gaussian" else "kaiming"
     try:
-        return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
-                          target_modules=tuple(targets), use_rslora=bool(raw.get("use_rslora")),
-                          use_dora=bool(raw.get("use_dora")), init=init, dtype=dtype)
+        config = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0) or 0.0,
+                            target_modules=tuple(targets), use_rslora=bool(raw.get("use_rslora")),
+                            use_dora=bool(raw.get("use_dora")), init=init, dtype=dtype)
     except AnitaError as e:
-        raise AnitaError(f"{path}: {e}") from None
+        message = str(e).replace("LoraConfig.alpha", "lora_alpha").replace("LoraConfig.dropout", "lora_dropout")
+        raise AnitaError(f"{path}: {message.replace('LoraConfig.', '')}") from None  # the file's field names
+    return config, config_target_modules(path, raw.get("target_modules"))
+
+
+def config_target_modules(path: Path, value) -> list[str] | str | None:
+    """PEFT's `target_modules`: a list of names (each matches a module's name or its last parts),
+    "all-linear", or any other string: a regular expression the whole module name must match."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise AnitaError(f"{path}: target_modules {value!r} is not a valid regular expression ({e})") from None
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise AnitaError(f"{path}: target_modules must be a non-empty list of module names or a string, got {value!r}")
 
 
 def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -150,9 +190,18 @@ def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
             (path.parent / "adapter_model.bin").exists() else ""
         raise AnitaError(f"{path}: adapter weights not found{other}")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise AnitaError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AnitaError(f"{path}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                             "expected floating point")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise AnitaError(f"{path}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of {t.numel()}; "
+                             "a damaged adapter (a diverged run?), refused")
+    return tensors
 
 
 def adapter_targets(path: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -169,24 +218,51 @@ def adapter_targets(path: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(targets)
 
 
-def check_adapter_fits(model, path: Path, tensors, targets: list[str], config: LoraConfig) -> None:
-    """Every target is a linear of `model`, and every tensor it needs is there with the right shape."""
+def check_adapter_fits(model: nn.Module, files: AdapterFiles) -> list[str]:
+    """The module names to wrap, in model order, once checked: `target_modules` selects modules of
+    `model` and every adapted one, each target is a linear, and every tensor it needs is there with
+    the right shape. `model` may be a skeleton on the meta device (`anita.model.model_skeleton`)."""
+    config, path = files.config, files.path / WEIGHTS_FILE
+    check_wrappable(model, files.targets)
+    selected = selected_modules(model, files)
     modules = dict(model.named_modules())
-    for name in targets:
+    for name in files.targets:
         module = modules.get(name)
         if module is None or not is_base_linear(module):
             what = "no such module" if module is None else f"a {type(module).__name__}, not a linear"
             raise AnitaError(f"{path}: targets {name!r}: {what} in this model (adapter for another architecture?)")
+        if selected is not None and name not in selected:
+            raise AnitaError(f"{path}: has tensors for {name!r}, which target_modules={files.target_modules!r} "
+                             f"in {CONFIG_FILE} does not select (PEFT would leave them unused)")
         expected = {"lora_A.weight": (config.r, module.in_features), "lora_B.weight": (module.out_features, config.r)}
         if config.use_dora:
             expected["lora_magnitude_vector"] = (module.out_features,)
         for suffix, shape in expected.items():
             key = f"{PREFIX}{name}.{suffix}"
-            if key not in tensors:
+            if key not in files.tensors:
                 raise AnitaError(f"{path}: missing tensor {key!r}")
-            if tuple(tensors[key].shape) != shape:
-                raise AnitaError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape} "
-                                 f"(r={config.r} from {CONFIG_FILE}; the model's {name} is "
+            if tuple(files.tensors[key].shape) != shape:
+                raise AnitaError(f"{path}: tensor {key!r} has shape {tuple(files.tensors[key].shape)}, expected "
+                                 f"{shape} (r={config.r} from {CONFIG_FILE}; the model's {name} is "
                                  f"{module.in_features} -> {module.out_features})")
-        if not config.use_dora and f"{PREFIX}{name}.lora_magnitude_vector" in tensors:
+        if not config.use_dora and f"{PREFIX}{name}.lora_magnitude_vector" in files.tensors:
             raise AnitaError(f"{path}: has DoRA magnitudes for {name!r} but {CONFIG_FILE} says use_dora=false")
+    return [n for n in modules if n in set(files.targets)]  # model order
+
+
+def selected_modules(model: nn.Module, files: AdapterFiles) -> set[str] | None:
+    """The modules of `model` that the config's `target_modules` selects (None when it gives none);
+    a name or a pattern that selects nothing is an error naming it and the model's linears."""
+    target_modules, path = files.target_modules, files.path / CONFIG_FILE
+    if target_modules is None:
+        return None
+    if isinstance(target_modules, list) or target_modules == "all-linear":
+        try:
+            return set(find_targets(model, target_modules))
+        except AnitaError as e:
+            raise AnitaError(f"{path}: {str(e).replace('LoraConfig.target_modules', 'target_modules')}") from None
+    hits = {n for n, m in model.named_modules() if re.fullmatch(target_modules, n) and is_base_linear(m)}
+    if not hits:
+        raise AnitaError(f"{path}: target_modules {target_modules!r} (a regular expression) matches no linear of "
+                         f"this model; its linears are named {', '.join(linear_kinds(model))}")
+    return hits

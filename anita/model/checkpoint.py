@@ -85,6 +85,25 @@ def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
+def model_skeleton(model_dir) -> Llama:
+    """The model that `model_dir`/config.json describes, on the meta device: every module's name and
+    shape, no memory and no weights read. Settings are checked against it before a model loads."""
+    config = LlamaConfig.from_json(Path(model_dir) / "config.json")
+    with torch.device("meta"):
+        return Llama(config)
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse a model with a NaN or inf weight, naming the first such tensor; `what` says where the
+    weights come from ("merging ADAPTER into MODEL"). Checked in blocks, to stay within memory."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            bad = sum(int((~torch.isfinite(block)).sum()) for block in tensor.detach().reshape(-1).split(1 << 24))
+            if bad:
+                raise AnitaError(f"{what}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of "
+                                 f"{tensor.numel()}; nothing written")
+
+
 def from_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | None = None,
                     quantize_kwargs: dict | None = None) -> Llama:
     """Build `Llama` from an HF-layout directory or Hub id, one tensor at a time.
@@ -95,9 +114,8 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
     """
     dtype, device = parse_dtype(dtype), parse_device(device)
     model_dir = resolve_model_dir(path)
-    config = LlamaConfig.from_json(model_dir / "config.json")
-    with torch.device("meta"):
-        model = Llama(config)
+    model = model_skeleton(model_dir)
+    config = model.config
     if quantize is not None:
         if quantize != "nf4":
             raise AnitaError(f"quantize={quantize!r} is not supported; expected 'nf4' or None")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -41,19 +41,27 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        check_sizes(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        check_number("config: head_dim", self.head_dim, 2, integer=True)
+        if self.head_dim % 2:
+            raise AnitaError(f"config: head_dim must be even (RoPE rotates pairs of features), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise AnitaError(
                 f"config: num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise AnitaError(f"config: rope_scaling must be an object or null, got {self.rope_scaling!r}")
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in ("llama3", "default"):
                 raise AnitaError(f"config: rope_scaling type {rope_type!r} is not supported (expected 'llama3')")
             if rope_type == "default":
                 self.rope_scaling = None
+            else:
+                check_llama3_scaling(self.rope_scaling)
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod
@@ -70,6 +78,8 @@ class LlamaConfig:
         raw = dict(raw)
         # transformers >= 5 nests rope settings in `rope_parameters`; older files use theta + scaling.
         rope = raw.pop("rope_parameters", None)
+        if rope is not None and not isinstance(rope, dict):
+            raise AnitaError(f"{source}: rope_parameters must be an object, got {rope!r}")
         if rope:
             raw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
@@ -83,6 +93,8 @@ class LlamaConfig:
             return cls(**kwargs)
         except TypeError as e:  # pragma: no cover - dataclass arity errors
             raise AnitaError(f"{source}: {e}") from None
+        except AnitaError as e:  # name the file, not "config"
+            raise AnitaError(f"{source}: {str(e).removeprefix('config: ')}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
@@ -105,15 +117,47 @@ class LlamaConfig:
         return cls(**PRESETS[name])
 
 
+# ------------------------------------------------------------------------ number checks
+def check_sizes(config: LlamaConfig) -> None:
+    """Every size a positive int, every float finite and positive, every token id an int: a
+    config.json with `"rms_norm_eps": NaN` (Python's json reads it) would give an all-NaN model."""
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"):
+        check_number(f"config: {name}", getattr(config, name), 1, integer=True)
+    check_number("config: rope_theta", config.rope_theta, 0, low_open=True)
+    check_number("config: rms_norm_eps", config.rms_norm_eps, 0)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = getattr(config, name)
+        for i in ids if isinstance(ids, list) else [] if ids is None else [ids]:
+            check_number(f"config: {name}", i, integer=True)
+    if not isinstance(config.tie_word_embeddings, bool):
+        raise AnitaError(f"config: tie_word_embeddings must be true or false, got {config.tie_word_embeddings!r}")
+
+
+def check_llama3_scaling(scaling: dict) -> None:
+    """Llama 3.1's rope_scaling numbers: all present, finite, positive, low_freq_factor < high_freq_factor
+    (the smoothing band between them divides by their difference; `anita.model.llama.rope_inv_freq`)."""
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if name not in scaling:
+            raise AnitaError(f"config: rope_scaling of type 'llama3' needs {name!r}")
+        check_number(f"config: rope_scaling.{name}", scaling[name], 0, low_open=True)
+    if not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise AnitaError(f"config: rope_scaling.low_freq_factor ({scaling['low_freq_factor']}) must be below "
+                         f"high_freq_factor ({scaling['high_freq_factor']})")
+
+
 def read_config_json(path: str | Path) -> dict:
     """The raw fields of an HF `config.json`; a missing or malformed file is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise AnitaError(f"{path}: config.json not found")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise AnitaError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise AnitaError(f"{path}: expected a JSON object of model settings, got a {type(raw).__name__}")
+    return raw
 
 
 def _llama31_scaling(factor: float) -> dict:

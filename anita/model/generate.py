@@ -14,13 +14,36 @@ from typing import Callable, Iterator
 
 import torch
 
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
 from anita.model.llama import KVCache, Llama
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int = 1) -> None:
+    """Refuse settings that would sample something other than asked: a NaN, infinite or negative
+    temperature, top_k < 1, top_p outside (0, 1] (0 would be greedy in disguise), no new tokens.
+    None for top_k / top_p means no cut."""
+    check_number("generate: temperature", temperature, 0)
+    if top_k is not None:
+        check_number("generate: top_k", top_k, 1, integer=True)
+    if top_p is not None:
+        check_number("generate: top_p", top_p, 0, 1, low_open=True)
+    check_number("generate: max_new_tokens", max_new_tokens, 1, integer=True)
+
+
+def room_in_context(prompt_length: int, max_new_tokens: int, context: int) -> int:
+    """How many new tokens fit after a prompt in a context of `context` positions (the model's
+    max_position_embeddings): `max_new_tokens`, or fewer at the context's end. A prompt that fills
+    the context is refused: positions beyond it were never trained and give garbage or nothing."""
+    if prompt_length >= context:
+        raise AnitaError(f"generate: the prompt is {prompt_length} tokens, but the model's context "
+                         f"(max_position_embeddings) is {context}; shorten it to at most {context - 1} tokens")
+    return min(max_new_tokens, context - prompt_length)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from logits (B, V): argmax when temperature is 0, else a sample."""
+    check_sampling(temperature, top_k, top_p)
     if temperature <= 0:
         return logits.argmax(-1)  # (B,)
     logits = logits.float() / temperature
@@ -57,12 +80,15 @@ def stream_generate(model: Llama, prompts: list[list[int]], max_new_tokens: int 
                     ) -> Iterator[list[int | None]]:
     """Yield, per step, one new token per prompt (None for prompts that have already stopped).
 
-    A prompt stops after emitting one of `stop_ids` (that token is not yielded) or after
-    `max_new_tokens`. Positions of left-padded prompts start at 0 at their first real token.
+    A prompt stops after emitting one of `stop_ids` (that token is not yielded), after
+    `max_new_tokens`, or at the end of the model's context (`room_in_context`; a prompt that fills
+    it is refused). Positions of left-padded prompts start at 0 at their first real token.
     """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     generator = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
     ids, mask = left_pad(prompts, pad_id, model.device)  # (B, T) each
     B, T = ids.shape
+    max_new_tokens = room_in_context(T, max_new_tokens, model.config.max_position_embeddings)
     cache = KVCache(model.config, B, T + max_new_tokens, dtype=model.dtype, device=model.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     hidden = model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=cache)  # (B, T, D)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from anita.arguments import finite_float
 from anita.dtypes import PRECISIONS
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
 from anita.model.llama import CHECKPOINTING, PROJECTIONS
 from anita.sources import parse_columns
 
@@ -132,6 +133,7 @@ class TrainConfig:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise AnitaError(f"{source}: {name!r} is required (flag --{name.replace('_', '-')})")
+        check_field_types(self, source)
         positive = ("lora_r", "max_length", "batch_size", "grad_accum", "epochs", "chunk_size", "save_steps",
                     "keep_checkpoints", "max_steps", "eval_steps", "max_tokens")
         for name in positive:
@@ -187,6 +189,16 @@ def checkpoint_mode(cfg: TrainConfig, source: str = "config", given: set[str] = 
 
 
 # ------------------------------------------------------------------------ value checking
+def check_field_types(cfg, source: str) -> None:
+    """Every int field holds an int and every float field a finite number (NaN, inf and a TOML
+    1e400 are refused here, before any range check: NaN passes `x < 0`)."""
+    for f in dataclasses.fields(cfg):
+        kind, _ = _field_type(type(cfg), f.name)
+        value = getattr(cfg, f.name)
+        if value is not None and kind in (int, float):
+            check_number(f"{source}: {f.name!r}", value, integer=kind is int)
+
+
 def field_default(cls, name: str):
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -212,6 +224,11 @@ def coerce(cls, name: str, value, source: str):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, str):
         return value
     if typing.get_origin(kind) is list:
@@ -268,8 +285,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
             parser.add_argument(option, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(kind) is list:
             parser.add_argument(option, type=str, metavar="A,B,...", **kw)
-        else:
-            parser.add_argument(option, type=kind, choices=f.metadata.get("choices"), **kw)
+        else:  # a float flag must be finite (its range is checked by `validate`)
+            parser.add_argument(option, type=finite_float() if kind is float else kind,
+                                choices=f.metadata.get("choices"), **kw)
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):

@@ -10,8 +10,12 @@ from __future__ import annotations
 import torch
 
 from anita.dtypes import PRECISIONS
+from anita.errors import AnitaError
+from anita.hub import resolve_model_dir
 from anita.lora import LoraConfig, apply_lora, load_adapter
-from anita.model import from_pretrained
+from anita.lora.model import OUTPUT_LAYER, check_wrappable, find_targets
+from anita.lora.pretrained import read_adapter_for
+from anita.model import from_pretrained, model_skeleton
 from anita.model.fused import set_fused_projections
 from anita.train.config import TrainConfig, checkpoint_mode
 from anita.train.distributed import DistInfo
@@ -21,6 +25,25 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
     targets = "all-linear" if cfg.targets == ["all-linear"] else tuple(cfg.targets)
     return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
                       use_rslora=cfg.rslora)
+
+
+def check_model_fits(cfg: TrainConfig) -> None:
+    """What the base's config.json alone can tell, checked before any weight loads: --adapter fits
+    the model, or --targets name linears of it (its meta-device skeleton); neither adapts lm_head,
+    whose plain weight the chunked loss reads (`anita.model.logprobs.output_head_weight`)."""
+    model_dir = resolve_model_dir(cfg.model)
+    if cfg.adapter:
+        names, where = read_adapter_for(model_dir, cfg.adapter).targets, f"--adapter {cfg.adapter}"
+    else:
+        skeleton, where = model_skeleton(model_dir), "--targets"
+        try:
+            names = find_targets(skeleton, lora_config(cfg).target_modules)
+            check_wrappable(skeleton, names)
+        except AnitaError as e:
+            raise AnitaError(f"--targets: {str(e).removeprefix('LoraConfig.target_modules: ')}") from None
+    if OUTPUT_LAYER in names:
+        raise AnitaError(f"{where}: LoRA on {OUTPUT_LAYER} cannot be trained: the loss computes the output head "
+                         f"chunked from its plain weight; leave {OUTPUT_LAYER} out")
 
 
 def load_trainable_model(cfg: TrainConfig, info: DistInfo):

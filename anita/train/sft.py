@@ -16,7 +16,7 @@ from anita.train.data import MicroBatches, load_examples
 from anita.train.distributed import init_distributed, shutdown
 from anita.train.loop import describe, plan_run, train
 from anita.train.loss import sft_loss
-from anita.train.model import load_trainable_model
+from anita.train.model import check_model_fits, load_trainable_model
 
 
 def load_data(path, tokenizer, cfg: TrainConfig, shuffle: bool) -> tuple[MicroBatches, str]:
@@ -45,6 +45,7 @@ def run_sft(cfg: TrainConfig) -> list[dict]:
         if info.is_main:
             print(f"anita sft: {describe(plan, cfg, info, 'rows')}", flush=True)
             print(f"training data: {train_summary}" + (f"\nheld-out data: {eval_summary}" if eval_data else ""), flush=True)
+        check_model_fits(cfg)  # --targets or --adapter against config.json, before anything is written
         out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info,
                               defaults=type(cfg)().to_dict())  # after everything checkable is checked
         model, report = load_trainable_model(cfg, info)

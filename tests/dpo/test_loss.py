@@ -524,11 +524,11 @@ def test_bad_arguments_raise_anita_error():
         dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(AnitaError, match="needs `chosen_lengths`"):
         dpo_loss(x, x, x, x, loss_type="sigmoid_norm")
-    with pytest.raises(AnitaError, match="beta must be > 0"):
+    with pytest.raises(AnitaError, match="beta must be a finite number > 0"):
         dpo_loss(x, x, x, x, beta=0.0)
     with pytest.raises(AnitaError, match="discopop_tau is only used by loss_type 'discopop'"):
         dpo_loss(x, x, x, x, discopop_tau=0.3)
-    with pytest.raises(AnitaError, match="discopop_tau must be > 0"):
+    with pytest.raises(AnitaError, match="discopop_tau must be a finite number > 0"):
         dpo_loss(x, x, x, x, loss_type="discopop", discopop_tau=0.0)
     with pytest.raises(AnitaError, match="`chosen_lengths` must be a 1-D"):
         dpo_loss(x, x, x, x, chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3))

@@ -118,7 +118,7 @@ def test_reference_free_rewards_are_the_policy_logps(tiny_run_model, batch):
 def test_settings_are_checked_up_front():
     with pytest.raises(AnitaError, match="DPOSettings: unknown loss_type 'dpo'"):
         DPOSettings(loss_type="dpo")
-    with pytest.raises(AnitaError, match="beta must be > 0"):
+    with pytest.raises(AnitaError, match="beta must be a finite number > 0"):
         DPOSettings(beta=0.0)
     with pytest.raises(AnitaError, match="does not use label_smoothing"):
         DPOSettings(loss_type="hinge", label_smoothing=0.1)
@@ -126,6 +126,22 @@ def test_settings_are_checked_up_front():
         DPOSettings(rpo_alpha=-1.0)
     with pytest.raises(AnitaError, match="discopop_tau is only used by loss_type 'discopop'"):
         DPOSettings(discopop_tau=0.2)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(beta=float("inf")), "beta must be a finite number > 0, got inf"),  # every loss NaN at step 1 (issue 18)
+    (dict(beta=float("nan")), "beta must be a finite number > 0, got nan"),
+    (dict(rpo_alpha=float("inf")), "rpo_alpha must be a finite number >= 0, got inf"),
+    (dict(loss_type="kto", desirable_weight=float("inf")), "must be finite numbers > 0"),
+    (dict(loss_type="discopop", discopop_tau=float("inf")), "discopop_tau must be a finite number > 0"),
+])
+def test_non_finite_settings_are_refused(settings, message):
+    with pytest.raises(AnitaError, match=message):
+        DPOSettings(**settings)
+    loss = settings.pop("loss_type", "sigmoid")
+    [(field, value)] = settings.items()
+    with pytest.raises(AnitaError, match=f"config: '{field}' must be a finite number, got {value}"):  # a run's config
+        DPOConfig(model="m", data="d", output="o", loss=loss, **settings).validate()
 
 
 def test_discopop_tau_reaches_the_loss(tiny_run_model, batch):
@@ -246,8 +262,8 @@ def test_cli_refuses_the_bare_base_as_reference_for_an_sft_adapter(tmp_path, tin
             str(tmp_path / "o"), "--adapter", str(tmp_path), "--reference", "adapters-off"]
     assert main(argv) == 2
     assert "would score the policy against the bare base" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(argv[:6] + ["--loss", "nope"])
+    assert main(argv[:7] + ["--loss", "nope"]) == 2  # argparse's own error, returned by main
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_config_file_sets_dpo_keys(tmp_path):

@@ -147,8 +147,12 @@ def test_merged_weight_is_the_function_the_layer_computes():
 @pytest.mark.parametrize("field, value, message", [
     ("r", 0, "r must be a positive integer"),
     ("r", 2.5, "r must be a positive integer"),
-    ("alpha", -1, "alpha must be a positive number"),
-    ("dropout", 1.0, r"dropout must be in \[0, 1\)"),
+    ("alpha", -1, "alpha must be a finite number > 0"),
+    ("alpha", float("nan"), "alpha must be a finite number > 0, got nan"),  # passed `alpha <= 0` (issue 18)
+    ("alpha", float("inf"), "alpha must be a finite number > 0, got inf"),
+    ("alpha", True, "alpha must be a finite number"),
+    ("dropout", 1.0, r"dropout must be a finite number in \[0, 1\)"),
+    ("dropout", float("nan"), r"dropout must be a finite number in \[0, 1\)"),
     ("init", "pissa", "init must be one of"),
     ("dtype", torch.float16, "float32 or bfloat16"),
     ("dtype", "int8", "float32 or bfloat16"),

@@ -1,6 +1,7 @@
 """Adapter files in PEFT's format: anita <-> PEFT round trips (LoRA, rsLoRA, DoRA) on tiny models and
 the real SmolLM2, saved PEFT fixtures that keep a check alive without peft, and bad input."""
 
+import ast
 import copy
 import json
 from pathlib import Path
@@ -179,6 +180,10 @@ def _saved(tmp_path, variant="llama3", **config):
     return tmp_path / "adapter"
 
 
+Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+NAN, INF = float("nan"), float("inf")
+
+
 def _edit_config(adapter, **fields):
     path = adapter / "adapter_config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | fields))
@@ -202,7 +207,7 @@ BAD = {
     "not lora": (lambda a: _edit_config(a, peft_type="IA3"), "peft_type is 'IA3', expected 'LORA'"),
     "rank pattern": (lambda a: _edit_config(a, rank_pattern={"q_proj": 8}), "rank_pattern=.* is not supported"),
     "bias": (lambda a: _edit_config(a, bias="all"), "bias='all' is not supported"),
-    "bad alpha": (lambda a: _edit_config(a, lora_alpha=-1), "adapter_config.json: LoraConfig.alpha"),
+    "bad alpha": (lambda a: _edit_config(a, lora_alpha=-1), "adapter_config.json: lora_alpha must be a finite number > 0"),
     "rank mismatch": (lambda a: _edit_config(a, r=8), r"lora_A.weight' has shape \(4, (\d+)\), expected \(8, \1\) \(r=8"),
     "dora without flag": (lambda a: _edit_tensors(a, lambda t: t.update(
         {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)})),
@@ -215,6 +220,23 @@ BAD = {
     "non-linear target": (lambda a: _edit_tensors(a, lambda t: t.update(
         {"base_model.model.model.norm.lora_A.weight": torch.ones(4, 64)})),
         "targets 'model.norm': a RMSNorm, not a linear"),
+    # issue 18: each of these loaded, and merged to NaN or to a model PEFT would not build
+    "nan alpha": (lambda a: _edit_config(a, lora_alpha=NAN), "lora_alpha must be a finite number > 0, got nan"),
+    "inf alpha": (lambda a: _edit_config(a, lora_alpha=INF), "lora_alpha must be a finite number > 0, got inf"),
+    "nan dropout": (lambda a: _edit_config(a, lora_dropout=NAN), "lora_dropout must be a finite number in"),
+    "nan tensor": (lambda a: _edit_tensors(a, lambda t: t[Q0_A].__setitem__((0, 0), NAN)),
+                   rf"adapter_model.safetensors: tensor '{Q0_A}' holds 1 non-finite value\(s\)"),
+    "inf tensor": (lambda a: _edit_tensors(a, lambda t: t[Q0_A].fill_(-INF)), f"tensor '{Q0_A}' holds 256 non"),
+    "int tensor": (lambda a: _edit_tensors(a, lambda t: t.update({Q0_A: t[Q0_A].long()})), "dtype int64, expected"),
+    "target nope": (lambda a: _edit_config(a, target_modules=["q_proj", "nope_proj"]),
+                    "adapter_config.json: target_modules: 'nope_proj' matches no module of this model; its linears are "
+                    "named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    "target regex nope": (lambda a: _edit_config(a, target_modules=".*nope"), r"target_modules '.\*nope' \(a regular"),
+    "target not selecting": (lambda a: _edit_config(a, target_modules=["q_proj"]),
+                             "has tensors for 'model.layers.0.mlp.down_proj', which target_modules=.'q_proj'. in "
+                             "adapter_config.json does not select"),
+    "target bad regex": (lambda a: _edit_config(a, target_modules="(q_proj"), "not a valid regular expression"),
+    "target number": (lambda a: _edit_config(a, target_modules=3), "must be a non-empty list of module names or a str"),
 }
 
 
@@ -270,3 +292,43 @@ def test_init_lora_weights_anita_cannot_reproduce_is_refused(init, accepted, tmp
         with pytest.raises(AnitaError, match=f"init_lora_weights='{init}' is not supported"):
             load_adapter(model, adapter)
         assert not lora_layers(model)
+
+
+# ------------------------------------------------------------------------ target_modules
+# What PEFT 0.21 wraps when an adapter holding all 14 linears of the tiny model says these target_modules
+# (None: PEFT refuses, "not found in the base model"); checked live by the test after this one. anita loads
+# an adapter exactly when PEFT would use every tensor in it: a name that selects nothing is a typo, and
+# tensors PEFT would silently leave out give a different model from the same file.
+PEFT_WRAPS = {
+    "['q_proj', 'nope_proj']": 2, "['nope_proj']": None, "'.*nope'": None, "['q_proj']": 2,
+    r"'.*\\.(q|v)_proj'": 4, "'all-linear'": 14, "'.*_proj'": 14,
+    "['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']": 14,
+}
+
+
+@pytest.mark.parametrize("target_modules", list(PEFT_WRAPS))
+def test_an_adapter_loads_exactly_when_peft_would_use_all_its_tensors(target_modules, tmp_path):
+    adapter = _saved(tmp_path)
+    _edit_config(adapter, target_modules=ast.literal_eval(target_modules))
+    model = tiny_model("llama3")
+    if PEFT_WRAPS[target_modules] == 14:
+        assert len(load_adapter(model, adapter).wrapped) == 14
+    else:
+        with pytest.raises(AnitaError, match="target_modules"):
+            load_adapter(model, adapter)
+        assert not lora_layers(model)
+
+
+def test_peft_wraps_what_the_table_says(tiny_checkpoint, tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    adapter = _saved(tmp_path)
+    for target_modules, wraps in PEFT_WRAPS.items():
+        _edit_config(adapter, target_modules=ast.literal_eval(target_modules))
+        try:
+            peft = PeftModel.from_pretrained(_hf(tiny_checkpoint("llama3")), adapter)
+        except ValueError as e:  # PEFT's NoMatchingPeftModuleError
+            assert wraps is None and "not found in the base model" in str(e), target_modules
+            continue
+        assert sum(name.endswith("lora_A") for name, _ in peft.named_modules()) == wraps, target_modules

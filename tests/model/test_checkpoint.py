@@ -12,6 +12,7 @@ from anita.errors import AnitaError
 from anita.hub import resolve_model_dir
 from anita.model import from_pretrained, save_pretrained
 from tests.conftest import tiny_model
+from tests.train.conftest import write_byte_tokenizer
 
 
 def _copy_checkpoint(src, dst):
@@ -116,6 +117,7 @@ def test_damaged_checkpoints_name_the_file_and_tensor(tiny_checkpoint, tmp_path,
 
 def test_cli_reports_bad_checkpoint_without_traceback(tiny_checkpoint, tmp_path):
     path = _copy_checkpoint(tiny_checkpoint("llama3"), tmp_path / "ckpt")
+    write_byte_tokenizer(path)  # generate reads the tokenizer (to check the prompt fits) before the weights
     (path / "model.safetensors").write_bytes(b"\x00" * 10)
     out = subprocess.run([sys.executable, "-m", "anita.cli", "generate", "--model", str(path), "--prompt", "x"],
                          capture_output=True, text=True, timeout=120)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from anita.cli import main
+from anita.errors import AnitaError
 from anita.model import generate, sample_next, stream_generate
 from tests.conftest import tiny_model
 
@@ -81,9 +82,39 @@ def test_cli_generate_streams_a_chat_answer(smollm2_dir):
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0.9"], "--top-p: only when sampling; --temperature 0.0 is greedy"),
     (["--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p: only when sampling"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
 ])
 def test_cli_refuses_flags_greedy_decoding_would_ignore(flags, message, capsys):
     """Refused before any model is loaded (the model path does not even exist)."""
     assert main(["generate", "--model", "/nonexistent", "--prompt", "Ciao", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+# issue 18: each of these sampled something other than asked (top_p 0 is greedy, a negative top_k
+# or temperature silently meant "off"), or printed nothing after minutes (a prompt past the context).
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
+    (dict(temperature=1.0, top_p=0.0), r"top_p must be a finite number in \(0, 1\], got 0.0"),
+    (dict(temperature=1.0, top_p=2.0), r"top_p must be a finite number in \(0, 1\], got 2.0"),
+    (dict(temperature=1.0, top_p=float("nan")), r"top_p must be a finite number in \(0, 1\], got nan"),
+    (dict(temperature=1.0, top_k=-3), "top_k must be an integer >= 1, got -3"),
+    (dict(temperature=1.0, top_k=2.5), "top_k must be an integer >= 1, got 2.5"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 1, got -1"),
+])
+def test_generate_refuses_sampling_settings_before_any_forward_pass(kwargs, message):
+    with pytest.raises(AnitaError, match=f"generate: {message}"):
+        generate(tiny_model(), [1, 2, 3], **kwargs)
+    if "max_new_tokens" not in kwargs:
+        with pytest.raises(AnitaError, match=f"generate: {message}"):
+            sample_next(torch.zeros(1, 8), **kwargs)
+
+
+def test_a_prompt_that_fills_the_context_is_refused_and_generation_stops_at_its_end():
+    model = tiny_model()  # max_position_embeddings 512
+    with pytest.raises(AnitaError, match="the prompt is 512 tokens, but the model's context .max_position_embed"
+                                         "dings. is 512; shorten it to at most 511 tokens"):
+        generate(model, [5] * 512, max_new_tokens=4)
+    assert len(generate(model, [5] * 509, max_new_tokens=10)) == 3  # positions 509, 510, 511: the last three
+    assert len(generate(model, [[5] * 509, [6] * 3], max_new_tokens=10)[1]) == 3  # the longest prompt decides

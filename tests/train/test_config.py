@@ -141,3 +141,53 @@ def test_checkpointing_modes_and_the_older_switch(tmp_path):
     with pytest.raises(AnitaError, match="'checkpointing' must be one of"):
         parse(REQUIRED + ["--config", str(bad)])
     assert parse(REQUIRED + ["--head-dtype", "bf16", "--fused-projections"]).fused_projections
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", NAN, "'lr' must be a finite number, got nan"),  # torch's AdamW raised a traceback on it (issue 18)
+    ("lr", INF, "'lr' must be a finite number, got inf"),
+    ("lora_alpha", NAN, "'lora_alpha' must be a finite number"),  # trained nothing: loss NaN at step 1
+    ("weight_decay", NAN, "'weight_decay' must be a finite number"),
+    ("max_grad_norm", NAN, "'max_grad_norm' must be a finite number"),  # ran with no clipping at all
+    ("max_grad_norm", INF, "'max_grad_norm' must be a finite number"),
+    ("warmup_ratio", INF, "'warmup_ratio' must be a finite number"),
+    ("lora_r", 2.5, "'lora_r' must be an integer, got 2.5"),
+    ("max_steps", True, "'max_steps' must be an integer, got True"),
+])
+def test_non_finite_and_mistyped_numbers_are_refused_from_python(field, value, message):
+    """`run_sft(TrainConfig(...))` validates the same as the flags do."""
+    with pytest.raises(AnitaError, match=message.replace("(", r"\(")):
+        TrainConfig(model="m", data="d", output="o", **{field: value}).validate()
+
+
+@pytest.mark.parametrize("suffix, text, message", [
+    (".toml", "lr = nan", "'lr' must be a finite number, got nan"),
+    (".toml", "lr = 1e400", "'lr' must be a finite number, got inf"),  # TOML reads 1e400 as inf
+    (".toml", "max_grad_norm = -inf", "'max_grad_norm' must be a finite number, got -inf"),
+    (".yaml", "lora_alpha: .nan", "'lora_alpha' must be a finite number, got nan"),
+    (".yaml", "lr: 1.0e+400", "'lr' must be a finite number, got inf"),
+    (".yaml", "lr: fast", "'lr' must be float, got 'fast'"),
+])
+def test_non_finite_numbers_in_config_files_name_the_file(tmp_path, suffix, text, message):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text + "\n")
+    with pytest.raises(AnitaError, match=f"c{suffix}: {message}"):
+        parse(REQUIRED + ["--config", str(path)])
+
+
+def test_yaml_reads_exponent_numbers_without_a_dot():
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; a float field takes it as the number a user meant."""
+    assert parse_file_text("lr: 1e-4\n").lr == 1e-4
+
+
+def parse_file_text(text: str, suffix: str = ".yaml"):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"c{suffix}"
+        path.write_text(text)
+        return parse(REQUIRED + ["--config", str(path)])
