@@ -102,7 +102,8 @@ class DPOConfig(TrainConfig):
                              "formed within each shuffled micro-batch (anita/dpo/unpaired.py)")
         if self.rpo_alpha is not None:
             raise AnitaError(f"{source}: 'rpo_alpha' (an NLL of the chosen answers) does not apply to --loss kto")
-        unpaired = [n for n in ("packing", "max_tokens", "shared_prompt") if n in given]
+        unpaired = [n for n in ("packing", "max_tokens", "shared_prompt")
+                    if n in given or (n != "shared_prompt" and getattr(self, n) not in (None, False))]
         if unpaired:
             raise AnitaError(f"{source}: {', '.join(unpaired)}: --loss kto batches unpaired rows two-row style "
                              "(matched and mismatched, anita/dpo/unpaired.py); drop them")

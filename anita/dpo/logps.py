@@ -107,7 +107,8 @@ def shared_prompt_logps(model, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE
     h = hidden.reshape(N * T, -1)[predictor]  # [M, D]
     with torch.autocast(hidden.device.type, enabled=False):  # the head and log-softmax in fp32
         logps, mean_logits = token_logps(h[None], output_head_weight(model), ids.reshape(-1)[scored][None],
-                                         chunk_size=chunk_size, return_mean_logits=True)  # [1, M] each
+                                         chunk_size=chunk_size, return_mean_logits=True,
+                                         head_dtype=getattr(model, "head_dtype", None))  # [1, M] each
     logps, mean_logits = logps[0], mean_logits[0].detach()  # [M]
     slot = (branch.reshape(-1)[scored] - 1) * B + segment.reshape(-1)[scored]  # [M] chosen 0..B-1, rejected B..2B-1
     sums = logps.new_zeros(2 * B).index_add(0, slot, logps)  # [2B]

@@ -159,9 +159,11 @@ def model_fingerprint(model, include_adapter: bool) -> str:
     return h.hexdigest()
 
 
-def cache_key(data_fingerprint: str, model_fingerprint_: str, kind: str, precision: str) -> dict[str, str]:
-    """The metadata a cache file must match to be reused."""
-    return {"data": data_fingerprint, "model": model_fingerprint_, "reference": kind, "precision": precision}
+def cache_key(data_fingerprint: str, model_fingerprint_: str, kind: str, precision: str,
+              head_dtype: str = "fp32") -> dict[str, str]:
+    """The metadata a cache file must match to be reused (the head's dtype rounds the log-probs too)."""
+    return {"data": data_fingerprint, "model": model_fingerprint_, "reference": kind, "precision": precision,
+            "head_dtype": head_dtype}
 
 
 def read_cache(path, key: dict[str, str]):

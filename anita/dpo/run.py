@@ -68,7 +68,7 @@ def precomputed_tables(model, cfg: DPOConfig, datasets: list, info) -> list:
     model_hash = model_fingerprint(model, include_adapter=bool(cfg.adapter))
     tables = []
     for data, batches in datasets:
-        key = cache_key(data.fingerprint(), model_hash, frozen.kind, cfg.precision)
+        key = cache_key(data.fingerprint(), model_hash, frozen.kind, cfg.precision, cfg.head_dtype)
         compute = lambda: precompute_reference(model, batches, frozen, cfg.chunk_size,  # noqa: E731
                                                autocast=lambda: autocast(cfg, info.device))
         table, cached = cached_reference(cache_file(cfg, key), key, compute)

@@ -18,7 +18,7 @@ Exactness: each output element is the same dot product over the same I inputs as
 GEMM, but a BLAS library may split I differently for a different O, so outputs agree to rounding
 (bit-equal on this CPU's oneDNN in the tests); the input gradient sums the three projections' terms
 inside one GEMM instead of adding three rounded results, so it agrees to rounding of the compute
-dtype. Tests: tests/model/test_fused.py.
+dtype. Tests: tests/model/test_fast_paths.py.
 
 Shapes: B batch, T time, I in features (D), O out features of one projection, ΣO of all of them.
 """

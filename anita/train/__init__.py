@@ -1,7 +1,7 @@
 """Training: data, the chunked next-token loss, optimizers and schedules, the shared loop with
 gradient accumulation, checkpoints and resume, data parallelism, metrics; `anita sft` on top.
 
-File map: `data.py` (JSONL -> micro-batches, packing), `loss.py` (SFT loss over the chunked
+File map: `data.py` (rows of any source (`anita.sources`) -> flat token arrays -> micro-batches by rows or token budget, packing), `loss.py` (SFT loss over the chunked
 log-probs of `anita.model.logprobs`), `optim.py` (AdamW / 8-bit, schedules), `loop.py` (the loop),
 `checkpoint.py` (run dir, atomic verified checkpoints, resume), `trainer_state.py` (optimizer and
 RNG state without pickle), `signals.py` (SIGTERM/SIGINT), `distributed.py` (torchrun + DDP),

@@ -34,8 +34,10 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same library, as a package (an optional dependency)
     import tomli as tomllib
 
-# Fields that may differ between a run and its `--resume`: they do not change the numbers.
-RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress", "data_cache"}
+# Fields that may differ between a run and its `--resume`: they do not change the numbers (how much
+# is recomputed in backward does not: the checkpointing modes give bit-equal gradients, docs/speed.md).
+RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress", "data_cache",
+                     "checkpointing", "gradient_checkpointing"}
 # The settings of a fresh adapter; with --adapter the adapter's own are used, so these are refused.
 FRESH_ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "rslora", "targets")
 

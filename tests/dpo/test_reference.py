@@ -158,6 +158,7 @@ def test_cache_is_written_once_and_reused(tmp_path):
     assert read_cache(path, {**key, "data": "other-data"}) is None
     _, cached_other = cached_reference(path, {**key, "model": "other-model"}, compute)
     assert (cached_other, len(calls)) == (False, 2)
+    assert read_cache(path, cache_key("data-hash", "model-hash", "adapters-off", "fp32", "bf16")) is None  # head dtype
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(AnitaError, match="cannot read the reference log-prob cache"):
         read_cache(path, key)

@@ -17,6 +17,7 @@ import torch
 from anita.dpo.beyond_dpo import ALL_LOSS_TYPES
 from anita.dpo.data import (CHOSEN, PROMPT, REJECTED, PreferenceBatches, PreferenceData, PreferencePair,
                             collate_pairs, collate_shared, pair_length)
+from anita.dpo.config import DPOConfig
 from anita.dpo.logps import concatenated_logps, shared_prompt_logps, two_row_logps
 from anita.dpo.reference import AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree, precompute_reference
 from anita.dpo.trainer import DPOSettings, dpo_step
@@ -109,6 +110,19 @@ def test_shared_prompt_logps_equal_the_two_row_form(layout, chunk_size):
     assert close(plain.chosen_mean_logit, shared.chosen_mean_logit)
     assert close(plain.rejected_mean_logit, shared.rejected_mean_logit)
     assert all(grads_close(g1, g2) for g1, g2 in zip(plain_grads, shared_grads))
+
+
+def test_the_bf16_head_reaches_both_layouts():
+    """`model.head_dtype` (--head-dtype bf16) rounds the head's matmuls in the shared-prompt layout as in
+    the two-row one: both agree with each other, and differ from the fp32 head."""
+    pairs, model = make_pairs(), policy()
+    with torch.no_grad():
+        fp32 = concatenated_logps(model, collate_shared(LAYOUTS["one packed row"], pairs, pad_id=0))
+        model.head_dtype = torch.bfloat16
+        two_row = concatenated_logps(model, collate_pairs(pairs, pad_id=0))
+        shared = concatenated_logps(model, collate_shared(LAYOUTS["one packed row"], pairs, pad_id=0))
+    assert close(two_row.chosen, shared.chosen, atol=1e-4) and close(two_row.rejected, shared.rejected, atol=1e-4)
+    assert not close(fp32.chosen, shared.chosen, atol=1e-4)
 
 
 def test_in_fp64_the_two_layouts_are_the_same_math():
@@ -265,3 +279,5 @@ def test_cli_layouts_agree_and_packing_runs(tmp_path, tiny_run_model, capsys):
                            (["--loss", "kto", "--max-tokens", "99"], "max_tokens: --loss kto batches unpaired rows")]:
         assert main(base + ["--output", str(tmp_path / "x"), *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+    with pytest.raises(AnitaError, match="max_tokens: --loss kto"):  # from Python too, where nothing is "given"
+        DPOConfig(model="m", data="d", output="o", loss="kto", max_tokens=99).validate()
