@@ -1,6 +1,6 @@
 """Where anita's time and memory go: torch.profiler over one step of each benchmark.
 
-    python benchmarks/profile_steps.py [--only forward,decode,sft,dpo] [--quick] [--rows 15] [--trace DIR]
+    python benchmarks/profile_steps.py [--only forward,decode,sft,dpo,dpo-recipe] [--quick] [--rows 15] [--head-dtype bf16] [--trace DIR]
 
 Builds exactly the step `run.py` times (`anita_side.py`, same workload), runs it once to warm up,
 then once under `torch.profiler` with memory profiling, and prints the operators sorted by self
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--shapes", action="store_true", help="group the operators by input shapes too")
     p.add_argument("--checkpointing", choices=("full", "selective", "off"))
+    p.add_argument("--head-dtype", dest="head_dtype", choices=("fp32", "bf16"), help="anita's loss head matmuls")
     p.add_argument("--trace", type=Path, help="write Chrome traces (anita-<bench>.json) here")
     args = p.parse_args(argv)
     w = default_workload(args.device, args.quick)
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
         w.threads = args.threads
     if args.checkpointing:
         w.checkpointing = args.checkpointing
+    if args.head_dtype:
+        w.head_dtype = args.head_dtype
     torch.set_num_threads(w.threads)
     for bench in args.only.split(","):
         print(f"\n=== anita {bench} ({w.device}, B={w.batch}, T={w.seq_len}) ===")
