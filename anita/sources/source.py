@@ -2,7 +2,7 @@
 
 A source is a local data file (any type of `anita.sources.files`), a local directory laid out like
 a Hub dataset (`anita.sources.layout`), or a Hub dataset id `org/name` (`anita.sources.hub`). A
-directory or Hub id is read for one split (default "train") of one config (subset); several files
+directory or Hub id is read for one split (None: "train") of one config (subset); several files
 (shards) are read one after the other in sorted order. `max_rows` keeps the first N rows: the same
 slice on every run.
 
@@ -67,15 +67,17 @@ def looks_like_repo_id(name: str) -> bool:
 
 
 def open_source(name, split: str | None = None, config: str | None = None, what: str = "data file") -> DataSource:
-    """Resolve what `--data` names; AnitaError if it is none of a file, a dataset directory or a Hub id."""
+    """Resolve what `--data` names; AnitaError if it is none of a file, a dataset directory or a Hub id,
+    or if a `split` or `config` is given for a single file (it has neither, and would be ignored)."""
     if isinstance(name, DataSource):
         return name
     text = os.fspath(name)
     path = Path(text).expanduser()
     if path.is_file():
-        if config is not None:
-            raise AnitaError(f"{text}: a single file has no configs; --data-config is for a dataset directory "
-                             "or Hub id")
+        for kind, given in (("config", config), ("split", split)):
+            if given is not None:
+                raise AnitaError(f"{text}: a single file has no {kind}s ({kind} {given!r} given); {kind}s are for a "
+                                 "dataset directory or Hub id")
         return DataSource(text, (path,))
     split = split or DEFAULT_SPLIT
     if path.is_dir():

@@ -18,6 +18,10 @@ the source's fingerprint and slice, the column mapping, the tokenizer (its whole
 the chat template, the lengths and the reader's version. A folder is written under a temporary name
 and renamed when complete, so a crash leaves no half cache; a second run (or a `--resume`) finds it
 and says so. The folder's meta.json holds the key and the reader's report (counts, skipped rows).
+A folder whose arrays disagree (a truncated tokens.int32, offsets of the wrong length) is damaged:
+it is rebuilt, never trusted. A temporary folder left by a killed run (`NAME.tmp-HOST-PID`, that
+process gone) is removed by the next build. Under torchrun every process tokenizes on its own; the
+first to finish publishes the folder and the others discard their copy and read it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from array import array
 from pathlib import Path
 from typing import Callable
@@ -33,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from anita.assets import cache_dir
+from anita.errors import AnitaError
 from anita.files import write_json
 
 STORE_VERSION = 1  # bump when what a reader writes changes
@@ -80,9 +86,15 @@ class TokenStore:
 
     @classmethod
     def load(cls, folder: Path, k: int) -> "TokenStore":
+        """The store saved in `folder`; ValueError if its three arrays do not fit together (damaged)."""
         file = folder / "tokens.int32"
         tokens = np.memmap(file, dtype=np.int32, mode="r") if file.stat().st_size else np.zeros(0, np.int32)
-        return cls(tokens, np.load(folder / "offsets.npy"), np.load(folder / "rows.npy"), k)
+        offsets, rows = np.load(folder / "offsets.npy"), np.load(folder / "rows.npy")
+        if offsets.shape != (len(rows) * k + 1,) or offsets[0] != 0 or offsets[-1] != tokens.size \
+                or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"{folder}: {tokens.size} tokens, {offsets.size} offsets and {rows.size} rows "
+                             "do not fit together")
+        return cls(tokens, offsets, rows, k)
 
 
 class StoreWriter:
@@ -130,14 +142,12 @@ def cached_store(key: dict, k: int, build: Callable[[StoreWriter], dict], root: 
         return writer.finish(), report, None
     folder = Path(root) / hashlib.sha256(json.dumps({**key, "version": STORE_VERSION}, sort_keys=True).encode()
                                          ).hexdigest()[:24]
-    meta = folder / "meta.json"
-    if meta.is_file():
-        try:
-            saved = json.loads(meta.read_text())
-            return TokenStore.load(folder, k), saved["report"], f"reused from the cache {folder}"
-        except (OSError, ValueError, KeyError):  # a damaged cache folder is rebuilt, never trusted
-            shutil.rmtree(folder, ignore_errors=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    cached = load_cached(folder, k)
+    if cached is not None:
+        return *cached, f"reused from the cache {folder}"
+    shutil.rmtree(folder, ignore_errors=True)  # absent, or damaged: rebuilt, never trusted
+    removed = remove_stale_temporaries(Path(root))
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = StoreWriter(k, tmp)
@@ -145,12 +155,55 @@ def cached_store(key: dict, k: int, build: Callable[[StoreWriter], dict], root: 
         report = build(writer)
         writer.finish()
         write_json(tmp / "meta.json", {"key": key, "version": STORE_VERSION, "report": report})
-        if folder.exists():  # another process finished first: its copy is as good as ours
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
+        publish(tmp, folder)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return TokenStore.load(folder, k), report, f"newly cached in {folder}"
+    cached = load_cached(folder, k)
+    if cached is None:
+        raise AnitaError(f"{folder}: the tokenized cache just written cannot be read back")
+    note = f" (removed {removed} unfinished cache folder(s) of stopped runs)" if removed else ""
+    return *cached, f"newly cached in {folder}{note}"
+
+
+def load_cached(folder: Path, k: int) -> tuple[TokenStore, dict] | None:
+    """(store, report) of a complete cache folder; None if it is missing, unfinished or damaged."""
+    try:
+        saved = json.loads((folder / "meta.json").read_text())
+        return TokenStore.load(folder, k), saved["report"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError):  # np.load of an empty file: EOFError
+        return None
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Rename the finished `tmp` to `folder`. If another process (another torchrun rank) published
+    it first, the rename fails: ours is discarded, theirs (the same tokens) is used."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Remove the temporary folders `NAME.tmp-HOST-PID` of this host whose process is gone (a run
+    killed while tokenizing leaves one, possibly gigabytes); returns how many were removed."""
+    removed = 0
+    for tmp in root.glob(f"*.tmp-{socket.gethostname()}-*") if root.is_dir() else []:
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True

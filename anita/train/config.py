@@ -28,6 +28,7 @@ from anita.dtypes import PRECISIONS
 from anita.errors import AnitaError, check_number
 from anita.model.llama import CHECKPOINTING, PROJECTIONS
 from anita.sources import parse_columns
+from anita.sources.source import DEFAULT_SPLIT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,6 +41,11 @@ RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "
                      "checkpointing", "gradient_checkpointing"}
 # The settings of a fresh adapter; with --adapter the adapter's own are used, so these are refused.
 FRESH_ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "rslora", "targets")
+# Pairs of fields that set one thing two ways: both set is an error, unless a flag sets one and the
+# config file the other, where the flag wins and the file's value is dropped.
+EXCLUSIVE_PAIRS = (("batch_size", "max_tokens"), ("gradient_checkpointing", "checkpointing"))
+# A source and what selects its rows: a flag naming another source drops the file's split and config.
+SOURCE_SELECTORS = {"data": ("data_split", "data_config"), "eval_data": ("eval_split", "eval_config")}
 
 
 def flag(default, help: str, **kw):
@@ -56,12 +62,14 @@ class TrainConfig:
     data: str | None = flag(None, "training data (required): a .jsonl/.json/.jsonl.gz/.parquet/.csv/.arrow file, a "
                                 "Hub-layout directory or a Hub dataset id org/name; messages, ShareGPT, Alpaca, "
                                 "prompt/completion or text rows (docs/data.md)")
-    data_split: str = flag("train", "split of a dataset directory or Hub id given as --data (e.g. train_sft)")
+    data_split: str | None = flag(None, "split of a dataset directory or Hub id given as --data (e.g. train_sft; "
+                                        "default: train); a single file has none")
     data_config: str | None = flag(None, "config (subset) of a dataset directory or Hub id given as --data")
     output: str | None = flag(None, "run directory: adapter/, checkpoints/, metrics.jsonl, plot (required)")
     eval_data: str | None = flag(None, "held-out data, any source and format --data takes; its loss is logged "
                                      "every --eval-steps")
-    eval_split: str = flag("train", "split of a dataset directory or Hub id given as --eval-data (e.g. test_sft)")
+    eval_split: str | None = flag(None, "split of a dataset directory or Hub id given as --eval-data (e.g. "
+                                        "test_sft; default: train); a single file has none")
     eval_config: str | None = flag(None, "config (subset) of a dataset directory or Hub id given as --eval-data")
     adapter: str | None = flag(None, "PEFT adapter to keep training (as the demo's Italian stage continues the DPO "
                                      "adapter), with its own r, alpha, dropout and targets, so --lora-r, "
@@ -167,6 +175,7 @@ class TrainConfig:
             raise AnitaError(f"{source}: set either 'batch_size' (rows per micro-batch) or 'max_tokens' (a token "
                              "budget per micro-batch), not both")
         checkpoint_mode(self, source, given)
+        check_held_out(self, source)
         if self.adapter:
             unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
             if unused:
@@ -188,6 +197,18 @@ def checkpoint_mode(cfg: TrainConfig, source: str = "config", given: set[str] = 
         raise AnitaError(f"{source}: gradient_checkpointing = {str(cfg.gradient_checkpointing).lower()} contradicts "
                          f"checkpointing = {cfg.checkpointing}; keep only checkpointing")
     return cfg.checkpointing
+
+
+def check_held_out(cfg: TrainConfig, source: str = "config") -> None:
+    """AnitaError if `eval_data` is the training data itself (the same source, split and config): its
+    loss would be logged as held-out while measuring rows the model trains on."""
+    if not cfg.eval_data or cfg.data is None:
+        return
+    same_source = Path(cfg.data).expanduser().resolve() == Path(cfg.eval_data).expanduser().resolve()
+    if same_source and (cfg.data_split or DEFAULT_SPLIT) == (cfg.eval_split or DEFAULT_SPLIT) \
+            and cfg.data_config == cfg.eval_config:
+        raise AnitaError(f"{source}: eval_data {cfg.eval_data} is the training data itself (same source, split and "
+                         "config), so its loss would not be held out; give held-out rows (or another --eval-split)")
 
 
 # ------------------------------------------------------------------------ value checking
@@ -293,12 +314,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):
-    """Defaults, then the `--config` file, then the flags given; validated."""
-    values = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
+    """Defaults, then the `--config` file, then the flags given; validated. A flag wins over the file
+    also where fields depend on each other: a flag setting one field of an `EXCLUSIVE_PAIRS` pair drops
+    the file's value of the other, and a flag naming another source than the file's drops the file's
+    split and config of it (`SOURCE_SELECTORS`), so `--config recipe.toml --max-tokens 4096 --data x.jsonl` works."""
+    from_file = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)}
-    for name, value in vars(args).items():
-        if name in names:
-            values[name] = coerce(cls, name, value, f"--{name.replace('_', '-')}")
+    flags = {name: coerce(cls, name, value, f"--{name.replace('_', '-')}")
+             for name, value in vars(args).items() if name in names}
+    overridden = [(a, b) for pair in EXCLUSIVE_PAIRS for a, b in (pair, pair[::-1])] + \
+        [(name, selector) for name, selectors in SOURCE_SELECTORS.items() for selector in selectors]
+    for flag_name, dropped in overridden:
+        if flag_name in flags and dropped not in flags and flags[flag_name] != from_file.get(flag_name):
+            from_file.pop(dropped, None)  # back to its default
+    values = {**from_file, **flags}
     return cls(**values).validate(getattr(args, "config", None) or "command line", given=set(values))
 
 

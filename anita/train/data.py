@@ -182,11 +182,15 @@ def make_example(ids: list[int], mask: list[int], max_length: int) -> tuple[Exam
 
 class TokenizedExamples:
     """The examples of one source over a `TokenStore` (one masked segment each): `examples[i]` is an
-    `Example` made on demand; `lengths` holds every example's length without making any."""
+    `Example` made on demand; `lengths` holds every example's length without making any; `where(i)`
+    names example i's source and line (or row) for messages."""
 
-    def __init__(self, store: TokenStore):
-        self.store = store
+    def __init__(self, store: TokenStore, label: str = "data"):
+        self.store, self.label = store, label
         self.lengths = store.lengths().tolist()
+
+    def where(self, i: int) -> str:
+        return f"{self.label}:{int(self.store.rows[i])}"
 
     def __len__(self) -> int:
         return len(self.store)
@@ -248,7 +252,7 @@ def load_examples(source, tokenizer, max_length: int, skip_bad_rows: bool = Fals
 
     store, saved, cache = cached_store(key, 1, build, cache_dir)
     report = DataReport(**{**saved, "cache": cache})
-    return TokenizedExamples(store), report
+    return TokenizedExamples(store, src.label), report
 
 
 # ---------------------------------------------------------------------- rows and batches
@@ -406,7 +410,9 @@ class MicroBatches(EpochBatches):
         self._lengths = getattr(examples, "lengths", None) or [len(e.input_ids) for e in examples]
         self.budget = None  # with max_tokens: the fixed micro-batches, which each epoch orders
         if max_tokens is not None:
-            check_budget(self._lengths, max_tokens, lambda i: f"example {i}")
+            where = getattr(examples, "where", None)  # a plain list of examples knows no source
+            check_budget(self._lengths, max_tokens, (lambda i: f"{where(i)}: this example") if where else
+                         (lambda i: f"example {i}"))
             self.budget = fixed_budget_batches(self._lengths, max_tokens, packing, seed, shuffle)
         super().__init__(len(examples) if self.budget is None else len(self.budget), seed, shuffle)
 

@@ -90,8 +90,9 @@ def plan_run(cfg: TrainConfig, per_epoch: int, info: DistInfo, eval_per_epoch: i
     """The step arithmetic of a run; too little data for one step, or held-out data that leaves a
     process without a micro-batch to evaluate, is an error here, before loading."""
     if eval_per_epoch is not None and eval_per_epoch < info.world_size:
+        budget = "--max-tokens" if cfg.max_tokens is not None else "--batch-size"  # what sizes the micro-batches
         raise AnitaError(f"--eval-data gives {eval_per_epoch} micro-batch(es); each of the {info.world_size} processes "
-                         "needs at least one: lower --batch-size or add held-out rows")
+                         f"needs at least one: lower {budget} or add held-out rows")
     steps = total_steps(cfg, per_epoch, info.world_size)
     return RunPlan(steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio),
                    optimizer_for(cfg.optimizer, info.device), per_epoch)

@@ -98,14 +98,17 @@ def test_an_offline_hub_miss_names_the_dataset_and_the_download_command(tmp_path
     (["--columns", "prompt"], "must be NAME=COLUMN"),
     (["--columns", "question=prompt"], "'question' is not a column anita reads"),
     (["--max-rows", "0"], "'max_rows' must be at least 1"),
-    (["--data-config", "x"], "a single file has no configs"),
+    (["--data-config", "x"], "train.jsonl: a single file has no configs (config 'x' given)"),
+    (["--data-split", "test"], "train.jsonl: a single file has no splits (split 'test' given)"),
+    (["--data-split", "train"], "train.jsonl: a single file has no splits (split 'train' given)"),
+    (["--eval-data", "FILE", "--eval-split", "test"], "train.jsonl: a single file has no splits (split 'test' given)"),
     (["--data-split", "nope", "--data", "DIR"], "no data file for split 'nope'; it has train"),
 ])
 def test_bad_source_flags(tmp_path, tiny_run_model, capsys, flags, message):
     folder = tmp_path / "set"
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"text": "ciao"}\n')
-    flags = [str(folder) if f == "DIR" else f for f in flags]
+    flags = [{"DIR": str(folder), "FILE": str(folder / "train.jsonl")}.get(f, f) for f in flags]
     data = [] if "--data" in flags else ["--data", str(folder / "train.jsonl")]
     assert main(["sft", "--model", str(tiny_run_model), *data, "--output", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err

@@ -191,3 +191,61 @@ def parse_file_text(text: str, suffix: str = ".yaml"):
         path = Path(d) / f"c{suffix}"
         path.write_text(text)
         return parse(REQUIRED + ["--config", str(path)])
+
+
+SFT_RECIPE = str(__import__("pathlib").Path(__file__).parents[2] / "anita" / "recipes" / "anita_1_sft.toml")
+
+
+@pytest.mark.parametrize("file_text, flags, expected", [
+    # the recipe sets batch_size = 16 and gradient_checkpointing = true: a flag for the other field wins
+    ("RECIPE", ["--max-tokens", "4096"], {"max_tokens": 4096, "batch_size": 8}),
+    ("RECIPE", ["--checkpointing", "off"], {"checkpointing": "off", "gradient_checkpointing": True, "mode": "off"}),
+    ("RECIPE", ["--checkpointing", "selective"], {"mode": "selective"}),
+    ('max_tokens = 512\n', ["--batch-size", "4"], {"batch_size": 4, "max_tokens": None}),
+    ('checkpointing = "selective"\n', ["--no-gradient-checkpointing"], {"checkpointing": None, "mode": "off"}),
+    # a flag naming another source drops the file's split and config of its source
+    ("RECIPE", ["--data", "local.jsonl"], {"data": "local.jsonl", "data_split": None}),
+    ("RECIPE", ["--data", "HuggingFaceH4/ultrachat_200k"], {"data_split": "train_sft"}),
+    ('eval_data = "org/set"\neval_split = "test"\neval_config = "c"\n', ["--eval-data", "h.jsonl"],
+     {"eval_data": "h.jsonl", "eval_split": None, "eval_config": None}),
+])
+def test_a_flag_wins_over_the_files_value_of_a_field_it_excludes(tmp_path, file_text, flags, expected):
+    from anita.train.config import checkpoint_mode
+
+    config = SFT_RECIPE if file_text == "RECIPE" else tmp_path / "c.toml"
+    if file_text != "RECIPE":
+        config.write_text(file_text)
+    data = [] if "--data" in flags else ["--data", "d.jsonl"]
+    cfg = parse(["--config", str(config), "--model", "m", "--output", "out", *data, *flags])
+    got = {**vars(cfg), "mode": checkpoint_mode(cfg)}
+    assert {k: got[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("file_text, flags, message", [
+    ("", ["--batch-size", "4", "--max-tokens", "512"], "either 'batch_size'"),
+    ("batch_size = 4\nmax_tokens = 512\n", [], "either 'batch_size'"),
+    ("", ["--no-gradient-checkpointing", "--checkpointing", "full"], "contradicts checkpointing = full"),
+    ("gradient_checkpointing = false\ncheckpointing = \"full\"\n", [], "contradicts checkpointing = full"),
+])
+def test_exclusive_fields_both_given_the_same_way_are_refused(tmp_path, file_text, flags, message):
+    (tmp_path / "c.toml").write_text(file_text)
+    with pytest.raises(AnitaError, match=message):
+        parse(["--config", str(tmp_path / "c.toml"), *REQUIRED, *flags])
+
+
+@pytest.mark.parametrize("data, eval_flags, refused", [
+    ("d.jsonl", ["--eval-data", "d.jsonl"], True),
+    ("d.jsonl", ["--eval-data", "./sub/../d.jsonl"], True),
+    ("d.jsonl", ["--eval-data", "h.jsonl"], False),
+    ("org/set", ["--eval-data", "org/set"], True),  # both default to the train split
+    ("org/set", ["--eval-data", "org/set", "--eval-split", "train"], True),
+    ("org/set", ["--eval-data", "org/set", "--eval-split", "test"], False),
+    ("org/set", ["--eval-data", "org/set", "--eval-config", "other"], False),
+])
+def test_eval_data_that_is_the_training_data_is_refused(data, eval_flags, refused):
+    argv = ["--model", "m", "--data", data, "--output", "out", *eval_flags]
+    if refused:
+        with pytest.raises(AnitaError, match="eval_data .* is the training data itself"):
+            parse(argv)
+    else:
+        assert parse(argv).eval_data == eval_flags[1]

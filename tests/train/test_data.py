@@ -201,3 +201,11 @@ def test_token_budget_stream_is_deterministic_resumable_and_reordered_per_epoch(
 def test_an_example_longer_than_the_budget_is_an_error():
     with pytest.raises(AnitaError, match="example 0 takes 11 tokens, more than --max-tokens 10"):
         MicroBatches([make_example(list(range(11)), [1] * 11, 16)[0]], 1, 16, True, 0, max_tokens=10)
+
+
+def test_an_example_longer_than_the_budget_names_its_file_and_line(tmp_path, byte_tokenizer):
+    rows = [{"text": "ciao"}, {"text": "mare"}, {"text": "una riga lunga, piu lunga del budget"}, {"text": "sole"}]
+    examples, _ = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer, max_length=100)
+    too_long = examples.lengths[2]
+    with pytest.raises(AnitaError, match=rf"d\.jsonl:3: this example takes {too_long} tokens, more than --max-tokens"):
+        MicroBatches(examples, 1, 100, False, 0, max_tokens=20)

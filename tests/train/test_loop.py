@@ -116,13 +116,14 @@ def test_the_plan_line_says_what_the_run_will_do():
     assert "warning" not in describe(plan_run(_cfg(max_steps=24), 10, DistInfo()), _cfg(max_steps=24), DistInfo(), "rows")
 
 
-def test_held_out_data_must_give_every_process_a_micro_batch():
+@pytest.mark.parametrize("sizing, flag", [({}, "--batch-size"), ({"max_tokens": 512}, "--max-tokens")])
+def test_held_out_data_must_give_every_process_a_micro_batch(sizing, flag):
     """With fewer held-out micro-batches than processes, one process would evaluate nothing and the
-    all-reduce would not line up: refused before the model loads."""
+    all-reduce would not line up: refused before the model loads, naming the flag that sizes the batches."""
     two = DistInfo(rank=0, world_size=2)
-    with pytest.raises(AnitaError, match="--eval-data gives 1 micro-batch.*each of the 2 processes"):
-        plan_run(_cfg(max_steps=4), per_epoch=8, info=two, eval_per_epoch=1)
-    assert plan_run(_cfg(max_steps=4), per_epoch=8, info=two, eval_per_epoch=2).steps == 4
+    with pytest.raises(AnitaError, match=f"--eval-data gives 1 micro-batch.*each of the 2 processes.*lower {flag} "):
+        plan_run(_cfg(max_steps=4, **sizing), per_epoch=8, info=two, eval_per_epoch=1)
+    assert plan_run(_cfg(max_steps=4, **sizing), per_epoch=8, info=two, eval_per_epoch=2).steps == 4
 
 
 def test_metrics_are_weighted_means_and_absent_ones_are_left_out():
