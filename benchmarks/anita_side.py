@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import (LORA_TARGETS, Workload, preference_batch, recipe_preference_batch, token_batch,
-                               torch_dtype)
+from benchmarks.common import LORA_TARGETS, Workload, preference_rows, token_batch, torch_dtype
 
 
 def load(path, w: Workload, dtype: torch.dtype):
@@ -108,12 +107,7 @@ def dpo_step(path, w: Workload, recipe: bool = False):
     from anita.dpo.trainer import dpo_step as anita_dpo_step
 
     model, opt = qlora_model(path, w)
-    if recipe:
-        ids, completion, attention = recipe_preference_batch(model.config.vocab_size, w.batch, w)
-    else:
-        chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
-        ids, completion = torch.cat([chosen, rejected]), torch.cat([completion, completion])  # (2B, T)
-        attention = torch.ones_like(ids)
+    ids, completion, attention = preference_rows(model.config.vocab_size, w, recipe)  # (2B, T) each
     batch = {k: v.to(w.device) for k, v in dpo_batch(ids, completion, attention, w.dpo_layout).items()}
     settings, reference = DPOSettings(beta=w.beta), AdaptersOff()
     info = {"num_tokens": int(attention.sum()), "mean_len": float(attention.sum(1).float().mean())}

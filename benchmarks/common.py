@@ -149,6 +149,16 @@ def recipe_preference_batch(vocab: int, B: int, w: Workload):
     return ids, completion, attention
 
 
+def preference_rows(vocab: int, w: Workload, recipe: bool):
+    """The DPO workload as TRL's rows: ids, completion and attention masks (2B, T), [chosen; rejected],
+    right-padded: the recipe's shape (`recipe_preference_batch`) or `preference_batch`'s B pairs."""
+    if recipe:
+        return recipe_preference_batch(vocab, w.batch, w)
+    chosen, rejected, completion = preference_batch(vocab, w.batch, w.seq_len, w.seed)
+    ids = torch.cat([chosen, rejected])  # (2B, T)
+    return ids, torch.cat([completion, completion]), torch.ones_like(ids)
+
+
 # ------------------------------------------------------------------------------ model source
 def model_dir(w: Workload) -> Path:
     """The HF-layout directory both systems load: SmolLM2, or a random checkpoint made once."""

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (LORA_TARGETS, Workload, preference_batch, recipe_preference_batch, token_batch,
-                               torch_dtype)
+from benchmarks.common import LORA_TARGETS, Workload, preference_rows, token_batch, torch_dtype
 
 
 def load(path, w: Workload, dtype: torch.dtype, quantized: bool):
@@ -106,12 +105,7 @@ def dpo_step(path, w: Workload, recipe: bool = False):
     from trl.trainer.utils import use_adapter
 
     model, opt = qlora_model(path, w)
-    if recipe:
-        ids, completion, attention = recipe_preference_batch(model.config.vocab_size, w.batch, w)
-    else:
-        chosen, rejected, completion = preference_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed)
-        ids, completion = torch.cat([chosen, rejected]), torch.cat([completion, completion])  # (2B, T)
-        attention = torch.ones_like(ids)
+    ids, completion, attention = preference_rows(model.config.vocab_size, w, recipe)  # (2B, T) each
     ids, completion, attention = ids.to(w.device), completion.to(w.device), attention.to(w.device)
     labels = ids.masked_fill(completion == 0, -100)
     gc_kwargs = {"use_reentrant": False}
