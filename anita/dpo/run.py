@@ -31,10 +31,9 @@ from anita.dpo.trainer import DPOObjective, DPOSettings, plot_preference_metrics
 from anita.dpo.unpaired import UnpairedBatches, read_unpaired
 from anita.model import Tokenizer
 from anita.sources import default_cache_dir
-from anita.train.checkpoint import prepare_run_dir
 from anita.train.distributed import init_distributed, shutdown
 from anita.train.loop import autocast, describe, plan_run, train
-from anita.train.model import check_model_fits, load_trainable_model
+from anita.train.model import start_run
 
 DPO_PLOT_FILE = "dpo_curves.png"
 
@@ -118,12 +117,7 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
                   f"{cfg.loss} loss, beta {cfg.beta:g}, reference {cfg.reference_kind()}{layout}", flush=True)
             for label, data in zip(("training data", "held-out data"), datasets):
                 print(f"{label}: {data.summary()}", flush=True)
-        check_model_fits(cfg)  # --targets or --adapter against config.json, before anything is written
-        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info,
-                              defaults=type(cfg)().to_dict())  # after everything checkable is checked
-        model, report = load_trainable_model(cfg, info)
-        if info.is_main:
-            print(report, flush=True)
+        out, model = start_run(cfg, info)
         if cfg.reference_kind() == "precomputed":
             tables = precomputed_tables(model, cfg, list(zip(datasets, batches)), info)
             batches = [make_batches(cfg, d, tokenizer.pad_id, train=i == 0, ref_logps=t)

@@ -17,6 +17,7 @@ from anita.lora.model import OUTPUT_LAYER, check_wrappable, find_targets
 from anita.lora.pretrained import read_adapter_for
 from anita.model import from_pretrained, model_skeleton
 from anita.model.fused import set_fused_projections
+from anita.train.checkpoint import prepare_run_dir
 from anita.train.config import TrainConfig, checkpoint_mode
 from anita.train.distributed import DistInfo
 
@@ -62,3 +63,15 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo):
     report = load_adapter(model, cfg.adapter) if cfg.adapter else apply_lora(model, lora_config(cfg))
     set_fused_projections(model, cfg.fused_projections)
     return model, report
+
+
+def start_run(cfg: TrainConfig, info: DistInfo):
+    """(run directory, trainable model), once the data and the plan have been checked: the model's
+    fit (--targets, --adapter) against its config.json first, then the run directory, then the load,
+    the first costly step. Shared by `run_sft` and `run_dpo`, so a bad setting never leaves a run.json."""
+    check_model_fits(cfg)
+    out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info, defaults=type(cfg)().to_dict())
+    model, report = load_trainable_model(cfg, info)
+    if info.is_main:
+        print(report, flush=True)
+    return out, model

@@ -10,13 +10,12 @@ from functools import partial
 
 from anita.model import Tokenizer
 from anita.sources import default_cache_dir
-from anita.train.checkpoint import prepare_run_dir
 from anita.train.config import TrainConfig
 from anita.train.data import MicroBatches, load_examples
 from anita.train.distributed import init_distributed, shutdown
 from anita.train.loop import describe, plan_run, train
 from anita.train.loss import sft_loss
-from anita.train.model import check_model_fits, load_trainable_model
+from anita.train.model import start_run
 
 
 def load_data(path, tokenizer, cfg: TrainConfig, shuffle: bool) -> tuple[MicroBatches, str]:
@@ -45,12 +44,7 @@ def run_sft(cfg: TrainConfig) -> list[dict]:
         if info.is_main:
             print(f"anita sft: {describe(plan, cfg, info, 'rows')}", flush=True)
             print(f"training data: {train_summary}" + (f"\nheld-out data: {eval_summary}" if eval_data else ""), flush=True)
-        check_model_fits(cfg)  # --targets or --adapter against config.json, before anything is written
-        out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info,
-                              defaults=type(cfg)().to_dict())  # after everything checkable is checked
-        model, report = load_trainable_model(cfg, info)
-        if info.is_main:
-            print(report, flush=True)
+        out, model = start_run(cfg, info)
         loss_fn = partial(sft_loss, chunk_size=cfg.chunk_size)
         return train(model, loss_fn, train_data, cfg, info, out, eval_data, base_model=cfg.model)
     finally:

@@ -132,14 +132,12 @@ def test_too_little_data_fails_before_the_model_loads_and_leaves_no_directory(co
                                                                               monkeypatch, capsys):
     """4 rows in micro-batches of 2 are 2 micro-batches; 4 accumulated per step do not fit: the
     error comes from the step arithmetic, before any model is loaded, and OUTPUT is never made."""
-    import anita.dpo.run
-    import anita.train.sft
+    import anita.train.model
 
     def no_model(*_):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(anita.train.sft, "load_trainable_model", no_model)
-    monkeypatch.setattr(anita.dpo.run, "load_trainable_model", no_model)
+    monkeypatch.setattr(anita.train.model, "load_trainable_model", no_model)  # what sft's and dpo's start_run call
     rows = chat_rows(4) if command == "sft" else [{"prompt": f"p{i}", "chosen": "si", "rejected": "no"} for i in range(4)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     argv = [command, "--model", str(tiny_run_model), "--data", data, "--output", str(tmp_path / "out"),
