@@ -341,10 +341,15 @@ def collate_shared(rows: list[list[int]], pairs: list[PreferencePair], pad_id: i
     return {**batch, "index": torch.tensor(index, dtype=torch.long), "num_tokens": (batch["segment"] >= 0).sum()}
 
 
-def pair_length(pair: PreferencePair, shared_prompt: bool) -> int:
-    """Tokens a pair takes in a batch: [prompt; chosen; rejected] once, or two rows of the longer answer."""
-    P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-    return P + C + R if shared_prompt else 2 * (P + max(C, R))
+def pair_lengths(pairs: PairView | list[PreferencePair], shared_prompt: bool) -> list[int]:
+    """Tokens each pair takes in a batch: [prompt; chosen; rejected] once, or two rows of the longer
+    answer. Read off the token store's offsets when the pairs are a `PairView` (no pair is built)."""
+    if isinstance(pairs, PairView):
+        sizes = np.diff(pairs.store.offsets).reshape(-1, 3)  # [N, 3] prompt, chosen, rejected
+    else:
+        sizes = np.array([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]).reshape(-1, 3)
+    P, C, R = sizes.T  # [N] each
+    return (P + C + R if shared_prompt else 2 * (P + np.maximum(C, R))).tolist()
 
 
 class PreferenceBatches(EpochBatches):
@@ -369,7 +374,7 @@ class PreferenceBatches(EpochBatches):
         self.pairs, self.batch_size, self.pad_id, self.ref_logps = data.pairs, batch_size, pad_id, ref_logps
         self.shared_prompt, self.budget = shared_prompt, None
         if max_tokens is not None:
-            lengths = [pair_length(p, shared_prompt) for p in self.pairs]
+            lengths = pair_lengths(self.pairs, shared_prompt)
             check_budget(lengths, max_tokens, lambda i: f"{data.path}:{self.pairs[i].line}: this pair")
             self.budget = fixed_budget_batches(lengths, max_tokens, packing, seed, shuffle)
         super().__init__(len(self.pairs) if self.budget is None else len(self.budget), seed, shuffle)

@@ -16,7 +16,7 @@ import torch
 
 from anita.dpo.beyond_dpo import ALL_LOSS_TYPES
 from anita.dpo.data import (CHOSEN, PROMPT, REJECTED, PreferenceBatches, PreferenceData, PreferencePair,
-                            collate_pairs, collate_shared, pair_length)
+                            collate_pairs, collate_shared, pair_lengths, read_preferences)
 from anita.dpo.config import DPOConfig
 from anita.dpo.logps import concatenated_logps, shared_prompt_logps, two_row_logps
 from anita.dpo.reference import AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree, precompute_reference
@@ -83,7 +83,17 @@ def test_collate_shared_lays_out_a_pair_as_written_by_hand():
     assert batch["branch"].tolist() == [[P, P, C, C, R, P, C, R, R], [P, P, C, C, R, -1, -1, -1, -1]]
     assert batch["source"].tolist() == [[-1, -1, 1, 2, 1, -1, 5, 5, 7], [-1, -1, 1, 2, 1, -1, -1, -1, -1]]
     assert batch["index"].tolist() == [0, 1, 0] and batch["num_tokens"].item() == 14
-    assert pair_length(a, shared_prompt=True) == 5 and pair_length(a, shared_prompt=False) == 8
+    assert pair_lengths([a, b], shared_prompt=True) == [5, 4] and pair_lengths([a, b], shared_prompt=False) == [8, 6]
+
+
+def test_pair_lengths_read_off_the_token_store_equal_those_of_the_pairs(tmp_path, byte_tokenizer):
+    rows = [{"prompt": "ciao" * (i + 1), "chosen": "si" * (i + 1), "rejected": "no" * (3 - i)} for i in range(3)]
+    view = read_preferences(write_jsonl(tmp_path / "p.jsonl", rows), byte_tokenizer, max_length=64).pairs
+    pairs = list(view)
+    for shared in (True, False):
+        want = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) if shared else
+                2 * (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))) for p in pairs]
+        assert pair_lengths(view, shared) == pair_lengths(pairs, shared) == want
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
