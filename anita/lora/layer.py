@@ -24,6 +24,7 @@ from torch import nn
 
 from anita.dtypes import ADAPTER_DTYPES, parse_dtype
 from anita.errors import AnitaError, check_number
+from anita.lora import lean
 from anita.model.llama import PROJECTIONS
 from anita.quant import Linear4bit
 
@@ -103,6 +104,7 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scale = config.scale
         self.disabled = False  # True: forward is exactly the base layer (DPO's reference model)
+        self.lean = True  # the update as one autograd node (`anita.lora.lean`) where it applies
         device, R = module_device(base), config.r
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, R, bias=False, device=device, dtype=config.dtype)
@@ -160,6 +162,8 @@ class LoraLinear(nn.Module):
         (`forward`, or a fused matmul of several frozen bases: `anita.model.fused`)."""
         if self.disabled:
             return y
+        if lean.applies(self):
+            return lean.lora_update(x, y, self)  # the same numbers, with less work (anita.lora.lean)
         xa = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (B, T, I) in the adapter's dtype
         lora = self.lora_B(self.lora_A(xa)) * self.scale  # (B, T, R) -> (B, T, O)
         if self.lora_magnitude_vector is None:

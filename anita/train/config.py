@@ -27,6 +27,7 @@ from anita.arguments import finite_float
 from anita.dtypes import PRECISIONS
 from anita.errors import AnitaError, check_number
 from anita.model.llama import CHECKPOINTING, PROJECTIONS
+from anita.model.logprobs import DEFAULT_CHUNK_SIZE
 from anita.sources import parse_columns
 from anita.sources.source import DEFAULT_SPLIT
 
@@ -38,7 +39,8 @@ else:  # Python 3.10: the same library, as a package (an optional dependency)
 # Fields that may differ between a run and its `--resume`: they do not change the numbers (how much
 # is recomputed in backward does not: the checkpointing modes give bit-equal gradients, docs/speed.md).
 RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress", "data_cache",
-                     "checkpointing", "gradient_checkpointing"}
+                     "checkpointing", "gradient_checkpointing",  # gradients bit-equal in every mode
+                     "chunk_size"}  # the head's chunks: per-token log-probs do not depend on them
 # The settings of a fresh adapter; with --adapter the adapter's own are used, so these are refused.
 FRESH_ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "rslora", "targets")
 # Pairs of fields that set one thing two ways: both set is an error, unless a flag sets one and the
@@ -127,7 +129,7 @@ class TrainConfig:
     epochs: int = flag(1, "passes over the data (ignored when --max-steps is set)")
     max_steps: int | None = flag(None, "optimizer steps to run (overrides --epochs)")
     seed: int = flag(42, "seed of LoRA init, data order and dropout")
-    chunk_size: int = flag(512, "tokens per chunk of the chunked output-head loss (not in the recipe)")
+    chunk_size: int = flag(DEFAULT_CHUNK_SIZE, "tokens per chunk of the chunked output-head loss (not in the recipe)")
     # --------------------------------------------------------------------- run management
     save_steps: int = flag(100, "write a checkpoint every N optimizer steps (and at the end)")
     keep_checkpoints: int = flag(2, "how many recent checkpoints to keep")

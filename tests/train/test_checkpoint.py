@@ -71,6 +71,7 @@ def test_output_dir_holding_a_run_is_not_clobbered(tmp_path):
         prepare_run_dir({**cfg, "lr": 2e-3}, out, resume=True, info=DistInfo())
     prepare_run_dir({**cfg, "save_steps": 7}, out, resume=True, info=DistInfo())  # harmless change
     prepare_run_dir({**cfg, "checkpointing": "selective"}, out, resume=True, info=DistInfo())  # bit-equal modes
+    prepare_run_dir({**cfg, "chunk_size": 512}, out, resume=True, info=DistInfo())  # a run from before 256
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(AnitaError, match="no run.json"):

@@ -1,0 +1,88 @@
+"""LoRA's update as one autograd node: the shortcut beside `LoraLinear.add_adapter`'s plain path.
+
+The plain path writes the update the way the paper (and PEFT) does,
+
+    y + (B(A(x.to(adapter dtype))) · scale).to(y.dtype)
+
+and autograd records five nodes for it: the cast of x, A, B, the multiplication by the scale and the
+cast back. Three of them touch a tensor as large as the layer's output (N, O) in fp32 — B's output,
+its scaled copy, and in backward the scaled gradient — and A's node keeps its own fp32 copy of x
+(N, I) for backward, once per projection, although q, k and v (and gate and up) read the same x.
+
+`lora_update` computes the same numbers with less of that work:
+
+    forward   h = scale · (x Aᵀ)        (N, R): the scale multiplies R columns, not O
+              y + (h Bᵀ).to(y.dtype)
+    backward  g = grad.to(adapter dtype)                      (N, O), the one fp32 (N, O) tensor
+              grad_B = gᵀ h                                   (O, R)
+              gh = scale · (g B)                              (N, R)
+              grad_A = ghᵀ x                                  (R, I), x cast again, not kept in fp32
+              grad_x = (gh A).to(x.dtype)                     (N, I)
+
+It keeps only x as it came (bf16 in the recipe, one tensor for every projection that reads it) and
+h (N, R). Exactness: (scale·h)Bᵀ and scale·(hBᵀ) are the same product; they round alike when the
+scale is a power of two (the recipe's 8/16 = 0.5) and differ in the last fp32 bit otherwise, before
+the rounding to y's dtype that both paths do. tests/lora/test_lean.py holds outputs and gradients of
+both paths equal, through a whole model and every checkpointing mode.
+
+It applies to plain LoRA (and rsLoRA: only the scale differs) without active dropout; DoRA and
+dropout in training take the plain path (`applies`).
+
+Shapes: N tokens (any leading dims), I in features, O out features, R rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def applies(layer) -> bool:
+    """True when `layer`'s update is plain LoRA: no DoRA magnitude, no dropout active."""
+    dropout = layer.training and isinstance(layer.lora_dropout, nn.Dropout)
+    return layer.lean and layer.lora_magnitude_vector is None and not dropout
+
+
+def lora_update(x: torch.Tensor, y: torch.Tensor, layer) -> torch.Tensor:
+    """y + layer.scale · B A x, as `LoraLinear.add_adapter` computes it. x (.., I), y (.., O)."""
+    return _LoraUpdate.apply(x, y, layer.lora_A.weight, layer.lora_B.weight, layer.scale)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])  # (.., C) -> (N, C)
+
+
+class _LoraUpdate(torch.autograd.Function):
+    """y + scale · (x Aᵀ) Bᵀ; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, scale):
+        # x (.., I), y (.., O); a (R, I) and b (O, R) in the adapter's dtype
+        h = (x.to(a.dtype) @ a.T) * scale  # (.., R); not in place: selective checkpointing may keep the matmul's output
+        ctx.save_for_backward(x, a, b, h)
+        ctx.scale = scale
+        device = x.device.type  # backward runs under the forward's autocast, as autograd does for built-in ops
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        return y + (h @ b.T).to(y.dtype)  # (.., O)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _LoraUpdate._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
+        x, a, b, h = ctx.saved_tensors
+        need_x, need_y, need_a, need_b = ctx.needs_input_grad[:4]
+        g = _rows(grad.to(a.dtype))  # (N, O)
+        grad_b = (g.T @ _rows(h)).to(b.dtype) if need_b else None  # (O, R)
+        grad_x = grad_a = None
+        if need_x or need_a:
+            gh = (g @ b).mul_(ctx.scale)  # (N, R)
+            if need_a:
+                grad_a = (gh.T @ _rows(x).to(a.dtype)).to(a.dtype)  # (R, I)
+            if need_x:
+                grad_x = (gh @ a).to(x.dtype).view(x.shape)  # (.., I)
+        return grad_x, grad if need_y else None, grad_a, grad_b, None
