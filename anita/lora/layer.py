@@ -155,6 +155,11 @@ class LoraLinear(nn.Module):
         return (self.lora_magnitude_vector.float() / self.dora_norm(adapted))[:, None] * adapted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.disabled and lean.applies(self):
+            # The update first, then the base: see `anita.lora.lean` on checkpointing's early stop.
+            delta = lean.lora_delta(x, self, x.dtype)  # (B, T, O)
+            y = self.base_layer(x)
+            return y + delta.to(y.dtype)  # a cast only under autocast, where a dense base computes in bf16
         return self.add_adapter(x, self.base_layer(x))  # (B, T, O)
 
     def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -163,7 +168,7 @@ class LoraLinear(nn.Module):
         if self.disabled:
             return y
         if lean.applies(self):
-            return lean.lora_update(x, y, self)  # the same numbers, with less work (anita.lora.lean)
+            return y + lean.lora_delta(x, self, y.dtype)  # the same numbers, with less work (anita.lora.lean)
         xa = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (B, T, I) in the adapter's dtype
         lora = self.lora_B(self.lora_A(xa)) * self.scale  # (B, T, R) -> (B, T, O)
         if self.lora_magnitude_vector is None:

@@ -39,7 +39,15 @@ def _run(layer, x, g, lean):
 
 
 def _uses_lean(layer, x) -> bool:
-    return type(layer(x.requires_grad_()).grad_fn).__name__ == "_LoraUpdateBackward"
+    """Whether layer(x)'s autograd graph holds the lean node."""
+    seen, todo = set(), [layer(x.requires_grad_()).grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return any(type(node).__name__ == "_LoraDeltaBackward" for node in seen)
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
@@ -96,9 +104,13 @@ def _model_step(model, ids, lean):
 
 
 @pytest.mark.parametrize("mode", ["off", "full", "selective"])
-def test_whole_qlora_model_equals_the_plain_path(mode):
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_whole_qlora_model_equals_the_plain_path(mode, compute_dtype):
+    """The loss bit for bit. The gradients to rounding: the lean layer runs its update before the
+    base matmul, so in backward the six terms of a block input's gradient (q, k, v: base and
+    update) arrive, and are summed, in another order."""
     model = tiny_model("llama3.1")
-    quantize_model(model, compute_dtype=torch.bfloat16)
+    quantize_model(model, compute_dtype=compute_dtype)
     torch.manual_seed(0)
     apply_lora(model, LoraConfig(r=4, alpha=2.0))
     with torch.no_grad():
@@ -108,8 +120,9 @@ def test_whole_qlora_model_equals_the_plain_path(mode):
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     (lean_loss, lean_grads), (loss, grads) = _model_step(model, ids, True), _model_step(model, ids, False)
     assert torch.equal(lean_loss, loss)
+    tol = 1e-5 if compute_dtype == torch.float32 else 1e-3  # measured: 4e-7 and 3e-7 of the largest
     for got, expected in zip(lean_grads, grads):
-        assert torch.equal(got, expected)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
 def _saved_bytes(fn, modules) -> int:
@@ -141,3 +154,17 @@ def test_keeps_the_shared_input_once_and_not_in_fp32():
     x_bytes, products = x.numel() * 2, 3 * 128 * 4 * 4
     assert saved[True] == x_bytes + products
     assert saved[False] == 3 * 2 * x_bytes + products
+
+
+def test_full_checkpointing_does_not_recompute_down_proj():
+    """The update before the base matmul: full checkpointing's recomputation of a block stops before
+    down_proj's NF4 GEMM (6 of 7 per block rerun); in the plain order it reruns all 7."""
+    from tests.model.test_fast_paths import _backward_ops, _qlora
+
+    model = _qlora(torch.float32)
+    reruns = {}
+    for lean in (True, False):
+        for layer in lora_layers(model).values():
+            layer.lean = lean
+        reruns[lean] = sum(op.startswith("gemm_4bit") for op in _backward_ops(model, "full"))
+    assert reruns == {True: 12, False: 14}  # 2 blocks

@@ -84,7 +84,9 @@ def test_selective_recomputes_only_cheap_work():
     assert attention and not [op for op in selective if "scaled_dot_product" in op and "backward" not in op]
     mm = lambda ops: sum(op.startswith("mm") for op in ops)  # noqa: E731
     nf4 = lambda ops: sum(op.startswith("gemm_4bit") for op in ops)  # noqa: E731  bnb's dequantize+GEMM
-    assert nf4(full) == 14 and nf4(selective) == nf4(off) == 0  # NF4 GEMMs never rerun selectively
+    # NF4 GEMMs never rerun selectively; fully, all but down_proj's (its output is not needed in
+    # backward and LoRA's update runs before it, so the recomputation stops first: anita/lora/lean.py)
+    assert nf4(full) == 12 and nf4(selective) == nf4(off) == 0
     assert mm(full) >= mm(off) + 2 * 12  # LoRA A and B per projection rerun (down_proj's B is not needed)
     assert mm(selective) == mm(off) + 14  # LoRA's rank-R matmul B·(Ax) only, 7 projections × 2 blocks
     assert sum(op.startswith("rsqrt") for op in selective) == 4  # two RMSNorms per block, recomputed
