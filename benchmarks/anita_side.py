@@ -8,6 +8,8 @@ it in a fresh process. The steps mirror `hf_side.py` setting for setting:
 - SFT (QLoRA): `from_pretrained(dir, quantize="nf4")` (NF4, double quantization),
   `apply_lora` with r / alpha on the seven projections, `model.checkpointing` from the workload,
   and `anita.train.loss.sft_loss` (chunked log-probs, no [B, T, V] logits); AdamW.
+  `sft-recipe`: the same step on the SFT recipe's chat-shaped examples (`recipe_sft_batch`), collated
+  as `anita sft` does (`Workload.sft_layout`: packed padding-free, or one padded row each).
 - DPO: the same model and `anita.dpo.trainer.dpo_step`: one policy forward over the batch in the
   layout `Workload.dpo_layout` names (TRL's two rows [prompt; chosen], [prompt; rejected] per pair,
   one shared-prompt row [prompt; chosen; rejected] per pair, or all pairs packed in one row), the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import LORA_TARGETS, Workload, preference_rows, token_batch, torch_dtype
+from benchmarks.common import LORA_TARGETS, Workload, preference_rows, recipe_sft_batch, token_batch, torch_dtype
 
 
 def load(path, w: Workload, dtype: torch.dtype):
@@ -80,13 +82,49 @@ def qlora_model(path, w: Workload):
 def sft_step(path, w: Workload):
     """`anita.train.loss.sft_loss` (chunked log-probs, no (B, T, V) logits) on every next token."""
     from anita.model.logprobs import next_token_labels
-    from anita.train.loss import sft_loss
 
     model, opt = qlora_model(path, w)
     ids = token_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed).to(w.device)  # (B, T)
     batch = {"input_ids": ids, "attention_mask": None, "position_ids": None,
              "labels": next_token_labels(ids, torch.ones_like(ids))}  # (B, T), the last position unscored
     info = {}
+    return sft_train_step(model, opt, batch, info), info
+
+
+def sft_recipe_step(path, w: Workload):
+    """The SFT recipe's B examples (`recipe_sft_batch`) as `anita sft` batches them, labels on the
+    answer tokens only (IGNORE_INDEX elsewhere, so the head computes only those), and the same
+    `sft_loss` step. `w.sft_layout`:
+
+    - "packed": the micro-batch `anita sft --packing --max-tokens N` makes with N = these examples'
+      total (`budget_batches`): one padding-free row, positions restarting per example and a
+      block-diagonal causal mask, so each example's log-probs are those it has alone (SDPA still
+      computes the masked scores: attention costs the square of the whole row's length).
+    - "padded": `anita sft`'s default, one row per example right-padded to the longest (`pack_rows`
+      without packing), a (B, T) padding mask: TRL's layout.
+    """
+    from anita.train.data import budget_batches, collate, make_example, pack_rows
+
+    model, opt = qlora_model(path, w)
+    examples = [make_example(ids, mask, w.recipe_max_length)[0]
+                for ids, mask in recipe_sft_batch(model.config.vocab_size, w.batch, w)]
+    lengths, order = [len(e.input_ids) for e in examples], list(range(len(examples)))
+    if w.sft_layout == "packed":
+        [rows] = budget_batches(lengths, order, max_tokens=sum(lengths), packing=True)  # one row
+    elif w.sft_layout == "padded":
+        rows = pack_rows(lengths, order, w.recipe_max_length, packing=False)  # one row each
+    else:
+        raise ValueError(f"unknown sft_layout {w.sft_layout!r}: expected packed or padded")
+    batch = collate([[examples[i] for i in row] for row in rows], pad_id=0)  # (rows, T) [+ (rows, T, T) mask]
+    info = {"num_tokens": int(batch.pop("num_tokens")), "mean_len": sum(lengths) / len(lengths)}
+    batch = {k: v.to(w.device) for k, v in batch.items()}
+    return sft_train_step(model, opt, batch, info), info
+
+
+def sft_train_step(model, opt, batch: dict, info: dict):
+    """One optimizer step of `sft_loss` (the mean over the batch's labelled tokens, as the training
+    loop divides by them); records the first and the last loss in `info`."""
+    from anita.train.loss import sft_loss
 
     def step():
         loss_sum, count, _ = sft_loss(model, batch)
@@ -95,8 +133,9 @@ def sft_step(path, w: Workload):
         opt.step()
         opt.zero_grad(set_to_none=True)
         info["loss"] = loss.item()
+        info.setdefault("first_loss", info["loss"])
 
-    return step, info
+    return step
 
 
 def dpo_step(path, w: Workload, recipe: bool = False):
@@ -119,6 +158,7 @@ def dpo_step(path, w: Workload, recipe: bool = False):
         opt.step()
         opt.zero_grad(set_to_none=True)
         info["loss"] = loss.item()
+        info.setdefault("first_loss", info["loss"])
 
     return step, info
 

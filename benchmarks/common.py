@@ -32,7 +32,7 @@ from anita.dtypes import parse_dtype
 from anita.model.llama import PROJECTIONS
 
 LORA_TARGETS = PROJECTIONS  # the seven projections LoRA wraps in the recipe (docs/recipe.md)
-BENCHES = ("forward", "decode", "sft", "dpo", "dpo-recipe")
+BENCHES = ("forward", "decode", "sft", "sft-recipe", "dpo", "dpo-recipe")
 SYSTEMS = ("anita", "hf")
 
 
@@ -60,7 +60,14 @@ class Workload:
     # 70-150, rows right-padded to the longest, at most max_length tokens
     recipe_prompt: tuple[int, int] = (350, 450)
     recipe_answer: tuple[int, int] = (70, 150)
-    recipe_max_length: int = 1024
+    recipe_max_length: int = 1024  # also the SFT recipe shape's
+    # sft-recipe: chat SFT data (UltraChat-like, anita/recipes/anita_1_sft.toml): B examples of a prompt
+    # U[sft_prompt] and an answer U[sft_answer] tokens long, only the answer trained
+    sft_prompt: tuple[int, int] = (30, 300)
+    sft_answer: tuple[int, int] = (50, 450)
+    # anita's SFT batch layout (anita.train.data): "packed" = the B examples in one padding-free row
+    # (`anita sft --packing --max-tokens`), "padded" = one right-padded row each (anita sft's default)
+    sft_layout: str = "packed"
     # anita's DPO batch layout (anita.dpo.data): "shared" = one row [prompt; chosen; rejected] per pair
     # (anita dpo's default), "packed" = all B pairs in one padding-free row, "two-row" = TRL's layout.
     # tok/s counts the two-row tokens (2·B·T) on every layout, so the ratio compares pairs per second.
@@ -77,7 +84,7 @@ class Workload:
     @classmethod
     def from_json(cls, text: str) -> "Workload":
         raw = json.loads(text)
-        for key in ("forward_dtypes", "recipe_prompt", "recipe_answer"):
+        for key in ("forward_dtypes", "recipe_prompt", "recipe_answer", "sft_prompt", "sft_answer"):
             raw[key] = tuple(raw[key])
         return cls(**raw)
 
@@ -147,6 +154,24 @@ def recipe_preference_batch(vocab: int, B: int, w: Workload):
         attention[i, :len(row)] = 1
         completion[i, len(row) - A:len(row)] = 1
     return ids, completion, attention
+
+
+def recipe_sft_batch(vocab: int, B: int, w: Workload) -> list[tuple[list[int], list[int]]]:
+    """B chat SFT examples in the SFT recipe's shape: a prompt of U[sft_prompt] tokens, an answer of
+    U[sft_answer] tokens, at most recipe_max_length in all; seeded by w.seed.
+
+    Returns, per example, its ids (T_b,) and its 0/1 completion mask (T_b,): 1 on the answer tokens,
+    the only ones trained (anita's assistant-only loss; TRL's assistant_only_loss /
+    completion_only_loss). Unpadded: collating them is what each side does its own way.
+    """
+    gen = torch.Generator().manual_seed(w.seed)
+    examples = []
+    for _ in range(B):
+        P = int(torch.randint(w.sft_prompt[0], w.sft_prompt[1] + 1, (1,), generator=gen))
+        A = min(int(torch.randint(w.sft_answer[0], w.sft_answer[1] + 1, (1,), generator=gen)), w.recipe_max_length - P)
+        ids = torch.randint(3, vocab, (P + A,), generator=gen).tolist()
+        examples.append((ids, [0] * P + [1] * A))
+    return examples
 
 
 def preference_rows(vocab: int, w: Workload, recipe: bool):
@@ -246,7 +271,7 @@ def forward_flops_per_token(config: dict, T: int) -> float:
 def step_flops_per_token(bench: str, config: dict, T: int) -> float:
     """Model FLOPs per processed token: forward 1×, LoRA step 2× (fwd + input-grad bwd), DPO 3×."""
     per = forward_flops_per_token(config, T)
-    return {"forward": per, "sft": 2 * per, "dpo": 3 * per, "dpo-recipe": 3 * per}[bench]
+    return {"forward": per, "sft": 2 * per, "sft-recipe": 2 * per, "dpo": 3 * per, "dpo-recipe": 3 * per}[bench]
 
 
 def measured_peak_tflops(device: str, clock: str = "wall", seconds: float = 2.0) -> dict:

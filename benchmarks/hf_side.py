@@ -13,6 +13,8 @@ closure; `benchmarks/run.py` times it in a fresh process.
   math: one concatenated [chosen; rejected] forward, the reference as the same model under
   `use_adapter(model, None)` (= `model.disable_adapter()`) with `torch.no_grad()` and checkpointing
   off, and the sigmoid loss −log σ(β·h). Optimizer: torch AdamW on the adapters, both sides.
+- `sft-recipe`: the SFT recipe's chat-shaped examples collated by TRL's own
+  `DataCollatorForLanguageModeling`, as `SFTTrainer` does by default (see `sft_recipe_step`).
 
 Shapes: B batch, T sequence length.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import LORA_TARGETS, Workload, preference_rows, token_batch, torch_dtype
+from benchmarks.common import LORA_TARGETS, Workload, preference_rows, recipe_sft_batch, token_batch, torch_dtype
 
 
 def load(path, w: Workload, dtype: torch.dtype, quantized: bool):
@@ -88,15 +90,43 @@ def sft_step(path, w: Workload):
     model, opt = qlora_model(path, w)
     ids = token_batch(model.config.vocab_size, w.batch, w.seq_len, w.seed).to(w.device)  # (B, T)
     info = {}
+    return sft_train_step(model, opt, {"input_ids": ids, "labels": ids}, info), info
+
+
+def sft_recipe_step(path, w: Workload):
+    """The SFT recipe's B examples (`recipe_sft_batch`) as TRL 1.16's `SFTTrainer` trains them by
+    default (packing=False, padding_free=False): dataset preparation builds `labels` = the ids with
+    -100 wherever the assistant / completion mask is 0 (`build_labels`, assistant_only_loss or
+    completion_only_loss), and `DataCollatorForLanguageModeling` right-pads every example to the
+    longest of the batch (labels with -100) and adds the (B, T) `attention_mask`. The loss is
+    `compute_loss`'s: the fused head's −Σ log p over the labelled tokens / their number. On CPU TRL's
+    fused head projects every position (its compact path needs Triton), masking the others after.
+    """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model, opt = qlora_model(path, w)
+    rows = [{"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
+            for ids, mask in recipe_sft_batch(model.config.vocab_size, w.batch, w)]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows)  # input_ids, labels, attention_mask (B, T)
+    info = {"num_tokens": int(batch["attention_mask"].sum()),
+            "mean_len": float(batch["attention_mask"].sum(1).float().mean())}
+    batch = {k: v.to(w.device) for k, v in batch.items()}
+    return sft_train_step(model, opt, batch, info), info
+
+
+def sft_train_step(model, opt, batch: dict, info: dict):
+    """One optimizer step of the fused head's loss (`SFTTrainer.compute_loss` with one micro-batch:
+    the mean over its labelled tokens); records the first and the last loss in `info`."""
 
     def step():
-        out = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False)
+        out = model(**batch, fused_lm_head=True, use_cache=False)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         info["loss"] = out.loss.item()
+        info.setdefault("first_loss", info["loss"])
 
-    return step, info
+    return step
 
 
 def dpo_step(path, w: Workload, recipe: bool = False):
@@ -123,6 +153,7 @@ def dpo_step(path, w: Workload, recipe: bool = False):
         opt.step()
         opt.zero_grad(set_to_none=True)
         info["loss"] = loss.item()
+        info.setdefault("first_loss", info["loss"])
 
     return step, info
 

@@ -1,6 +1,6 @@
 """Where anita's time and memory go: torch.profiler over one step of each benchmark.
 
-    python benchmarks/profile_steps.py [--only forward,decode,sft,dpo,dpo-recipe] [--quick] [--rows 15] [--head-dtype bf16] [--trace DIR]
+    python benchmarks/profile_steps.py [--only forward,decode,sft,sft-recipe,dpo,dpo-recipe] [--quick] [--rows 15] [--head-dtype bf16] [--trace DIR]
 
 Builds exactly the step `run.py` times (`anita_side.py`, same workload), runs it once to warm up,
 then once under `torch.profiler` with memory profiling, and prints the operators sorted by self
@@ -27,7 +27,7 @@ from benchmarks.common import BENCHES, default_workload, model_dir  # noqa: E402
 def profile_one(bench: str, w, rows: int, trace: Path | None, shapes: bool = False) -> str:
     path = model_dir(w)
     args = (path, w, w.forward_dtypes[0]) if bench == "forward" else (path, w)
-    step, _ = getattr(anita_side, f"{bench}_step")(*args)
+    step, _ = getattr(anita_side, f"{bench.replace('-', '_')}_step")(*args)
     step()  # warm-up: first-call allocations and lazy inits stay out of the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if w.device == "cuda" else [])
     with profile(activities=activities, profile_memory=True, record_shapes=shapes) as prof:

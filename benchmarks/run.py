@@ -1,10 +1,11 @@
 """anita vs. the Hugging Face stack, side by side: `python benchmarks/run.py [--device cpu|cuda] [--quick]`.
 
-Measures forward/prefill and greedy-decode throughput, a QLoRA SFT step and a DPO step
-(tokens/s and peak memory) for both systems on the same model, batch and settings, and prints
-one Markdown table with both and their ratio (anita / HF). Every (system, benchmark) runs in its
-own fresh Python process (this file re-invoked with `--worker`), so peaks never mix; each reports
-the median of `repeats` timed steps after `warmup` untimed ones. What each side runs is in
+Measures forward/prefill and greedy-decode throughput, a QLoRA SFT step and a DPO step, each also
+in its recipe's data shape (`sft-recipe`, `dpo-recipe`): tokens/s and peak memory for both systems
+on the same model, batch and settings, and prints one Markdown table with both and their ratio
+(anita / HF). Every (system, benchmark) runs in its own fresh Python process (this file re-invoked
+with `--worker`), so peaks never mix; each reports the median of `repeats` timed steps after
+`warmup` untimed ones. What each side runs is in
 `anita_side.py` and `hf_side.py`; workloads, timing and memory probes in `common.py`.
 Targets are those of issue 8 (CPU, anita / HF in the same run).
 """
@@ -29,13 +30,14 @@ from benchmarks.common import (BENCHES, SYSTEMS, Workload, default_workload, ste
 # (benchmark, metric) -> (target ratio anita/HF, "min" = at least, "max" = at most)
 TARGETS = {("forward", "tok/s"): (1.3, "min"), ("decode", "tok/s"): (2.0, "min"),
            ("sft", "tok/s"): (2.0, "min"), ("sft", "peak MiB"): (0.5, "max"),
+           ("sft-recipe", "tok/s"): (2.0, "min"), ("sft-recipe", "peak MiB"): (0.5, "max"),
            ("dpo", "tok/s"): (2.5, "min"), ("dpo", "peak MiB"): (0.5, "max"),
            ("dpo-recipe", "tok/s"): (2.5, "min"), ("dpo-recipe", "peak MiB"): (0.5, "max")}
 
 
 # --------------------------------------------------------------------------------- worker
 def tokens_per_step(bench: str, w: Workload, info: dict) -> int:
-    """Real tokens a step processes (padding not counted: the DPO steps report their own count)."""
+    """Real tokens a step processes (padding not counted: the recipe-shaped and DPO steps report their own count)."""
     if "num_tokens" in info:
         return info["num_tokens"]
     return {"forward": w.batch * w.seq_len, "decode": w.decode_batch * w.decode_new, "sft": w.batch * w.seq_len}[bench]
@@ -108,11 +110,15 @@ def job_label(job: str, w: Workload) -> str:
         return f"forward/prefill {dtype}, B={w.batch} T={w.seq_len}"
     if bench == "decode":
         return f"greedy decode {w.decode_dtype}, B={w.decode_batch} P={w.decode_prompt} N={w.decode_new}"
-    what = {"sft": "QLoRA SFT step", "dpo": "DPO step (B pairs)", "dpo-recipe": "DPO step, recipe shape"}[bench]
-    if bench != "sft":
+    what = {"sft": "QLoRA SFT step", "sft-recipe": "QLoRA SFT step, recipe shape", "dpo": "DPO step (B pairs)",
+            "dpo-recipe": "DPO step, recipe shape"}[bench]
+    if bench == "sft-recipe":
+        what += f" (answers trained, anita {w.sft_layout} rows, tok/s counts real tokens)"
+    if bench.startswith("dpo"):
         what += f" (anita {w.dpo_layout} rows)"
-    shape = (f"P~{w.recipe_prompt[0]}-{w.recipe_prompt[1]} A~{w.recipe_answer[0]}-{w.recipe_answer[1]}"
-             if bench == "dpo-recipe" else f"T={w.seq_len}")
+    shape = {"dpo-recipe": f"P~{w.recipe_prompt[0]}-{w.recipe_prompt[1]} A~{w.recipe_answer[0]}-{w.recipe_answer[1]}",
+             "sft-recipe": f"P~{w.sft_prompt[0]}-{w.sft_prompt[1]} A~{w.sft_answer[0]}-{w.sft_answer[1]}"
+             }.get(bench, f"T={w.seq_len}")
     extra = "".join([", head bf16" if w.head_dtype != "fp32" else "", ", fused" if w.fused else ""])
     return (f"{what} {w.train_dtype}, B={w.batch} {shape}, r={w.lora_r}, ckpt={w.checkpointing}, "
             f"{w.threads} thr{extra}")
@@ -154,7 +160,8 @@ def checks(results: dict, jobs: list[str]) -> list[str]:
             same = sum(x == y for x, y in zip(a["tokens"], h["tokens"]))
             lines.append(f"- {job}: {same}/{len(a['tokens'])} greedy tokens identical (anita vs HF)")
         if "loss" in a and "loss" in h:
-            lines.append(f"- {job}: loss after the last step anita {a['loss']:.5f}, HF {h['loss']:.5f}")
+            lines.append(f"- {job}: loss at the first step anita {a['first_loss']:.5f}, HF {h['first_loss']:.5f}; "
+                         f"at the last step anita {a['loss']:.5f}, HF {h['loss']:.5f}")
     return lines
 
 
@@ -196,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--dpo-layout", dest="dpo_layout", choices=("shared", "packed", "two-row"),
                    help="anita's DPO batch layout (default shared, as `anita dpo`; two-row is TRL's)")
+    p.add_argument("--sft-layout", dest="sft_layout", choices=("packed", "padded"),
+                   help="anita's sft-recipe batch layout (default packed: one padding-free row; padded is TRL's)")
     p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "JOB"), help=argparse.SUPPRESS)
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -208,7 +217,8 @@ def main(argv=None) -> int:
         return 0
 
     w = default_workload(args.device, args.quick)
-    for name in ("repeats", "model", "train_dtype", "head_dtype", "fused", "batch", "seq_len", "dpo_layout"):
+    for name in ("repeats", "model", "train_dtype", "head_dtype", "fused", "batch", "seq_len", "dpo_layout",
+                 "sft_layout"):
         if getattr(args, name) is not None:
             setattr(w, name, getattr(args, name))
     benches = [b for b in args.only.split(",") if b]
