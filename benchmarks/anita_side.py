@@ -97,9 +97,9 @@ def sft_recipe_step(path, w: Workload):
     `sft_loss` step. `w.sft_layout`:
 
     - "packed": the micro-batch `anita sft --packing --max-tokens N` makes with N = these examples'
-      total (`budget_batches`): one padding-free row, positions restarting per example and a
-      block-diagonal causal mask, so each example's log-probs are those it has alone (SDPA still
-      computes the masked scores: attention costs the square of the whole row's length).
+      total (`budget_batches`): one padding-free row, positions restarting per example and the
+      row's `Spans`, so each example attends to itself alone (no mask: SDPA's causal kernel per
+      example) and its log-probs are those it has alone.
     - "padded": `anita sft`'s default, one row per example right-padded to the longest (`pack_rows`
       without packing), a (B, T) padding mask: TRL's layout.
     """

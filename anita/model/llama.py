@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from anita.errors import AnitaError
 from anita.model.config import LlamaConfig
 from anita.model.fused import can_fuse, fused_projections
+from anita.model.masks import Spans
 
 # The seven projections of a block, by their HF names (docs/recipe.md: "q, k, v, o, gate, up, down").
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -111,23 +113,42 @@ class KVCache(nn.Module):
 
 
 # ---------------------------------------------------------------------------- attention
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Spans | None) -> torch.Tensor:
     """softmax(q kᵀ / √E + mask) v through SDPA: q (B, H, T, E), k and v (B, K, S, E) -> (B, H, T, E).
 
     Each group of H/K query heads shares one kv head (GQA); SDPA broadcasts it (`enable_gqa`).
     With no mask, plain causal attention (FlashAttention on CUDA, SDPA's flash kernel on CPU). With
+    `Spans` (packed rows), the same per sequence (`attend_spans`). With
     a boolean mask (padding, packed or prefix-shared rows, `anita.model.masks`), the CPU flash
     kernel takes the mask as it is. On CUDA FlashAttention takes no mask, so the kernel to run is the
     memory-efficient one (any mask, forward and backward, O(T) memory), not the math fallback that
     keeps the (B, H, T, S) weights; some torch versions' efficient kernel refuses grouped kv heads,
     so there k and v are expanded to H heads first: a (B, H, S, E) copy, small beside those weights.
     """
+    if isinstance(mask, Spans):
+        return attend_spans(q, k, v, mask)
     gqa = k.shape[1] != q.shape[1]
     if mask is not None and gqa and q.is_cuda:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, E)
         gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """Attention of packed rows without a mask (varlen attention): each sequence of `spans` attends
+    causally to itself alone, through SDPA's unmasked causal kernel; padding gets 0 (never used).
+    Equal to `attend` with `spans.mask(T)` (tests/model/test_masks.py); its scores cost Σ L² per
+    row instead of (Σ L)². q (B, H, T, E), k and v (B, K, T, E) -> (B, H, T, E)."""
+    B, H, T, E = q.shape
+    rows = []
+    for b, row in enumerate(spans.rows):
+        parts = [attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None) for s, e in row]  # (1, H, L, E)
+        end = row[-1][1] if row else 0
+        if end < T:
+            parts.append(q.new_zeros(1, H, T - end, E))  # padding
+        rows.append(torch.cat(parts, dim=2))  # (1, H, T, E)
+    return torch.cat(rows)  # (B, H, T, E)
 
 
 # ------------------------------------------------------------------------------- blocks
@@ -285,14 +306,22 @@ class Llama(nn.Module):
         self.head_dtype: torch.dtype | None = None
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """The final-norm hidden states (B, T, D); the output head is left to the caller."""
+        """The final-norm hidden states (B, T, D); the output head is left to the caller.
+
+        attention_mask: None (causal), a (B, S) 0/1 padding mask, a (B, T, S) boolean mask
+        (`attention_mask_4d`), or `Spans` for packed rows (no mask: `attend_spans`)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # (B, T, E) each
-        mask = attention_mask_4d(attention_mask, T, past + T, x.device)  # (B, 1, T, S) or None
+        if isinstance(attention_mask, Spans):  # packed rows: no mask, each sequence on its own
+            if cache is not None:
+                raise AnitaError("packed rows (Spans) cannot be decoded with a KV cache")
+            mask = attention_mask
+        else:
+            mask = attention_mask_4d(attention_mask, T, past + T, x.device)  # (B, 1, T, S) or None
         for block in self.model.layers:
             if self.checkpointing != "off" and torch.is_grad_enabled() and cache is None:
                 x = checkpoint_block(block, self.checkpointing, x, cos, sin, mask)

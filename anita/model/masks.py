@@ -28,6 +28,11 @@ Example, one row holding a pair (prompt p0 p1, chosen c0 c1, rejected r0) and pa
                                           c1: 1 1 1 1 . .
                                           r0: 1 1 . . 1 .
 
+Packed SFT rows (one branch, sequences back to back) need no mask at all: `Spans` lists where each
+sequence starts and ends, and `anita.model.llama.attend` runs each one through SDPA's unmasked causal
+kernel on its own (varlen attention, as FlashAttention's varlen interface does on CUDA). A mask
+would make the kernel compute the scores of the whole row, (Σ L)² per row instead of Σ L².
+
 Kernels: on CPU, SDPA runs its flash kernel with the boolean mask (forward and backward). On CUDA,
 FlashAttention takes no mask, so SDPA with a mask runs the memory-efficient kernel (`attend` in
 `anita.model.llama` makes sure it can; see its docstring), never the math kernel that would hold
@@ -37,6 +42,8 @@ Shapes: B rows, T tokens per row.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -48,3 +55,35 @@ def segment_mask(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     real_key = (segment >= 0)[:, None, :]  # (B, 1, T)
     shared_or_own = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])  # (B, T, T)
     return same_segment & real_key & shared_or_own
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Rows that hold whole sequences back to back: rows[b] = the (start, end) of each sequence of
+    row b, the first starting at 0; what follows the last is padding. Passed as `attention_mask`,
+    it replaces the block-diagonal mask (`mask` builds that mask, the plain path beside it)."""
+
+    rows: tuple[tuple[tuple[int, int], ...], ...]
+
+    @classmethod
+    def from_segments(cls, segment: torch.Tensor) -> "Spans":
+        """From (B, T) segment ids numbered 0, 1, ... along each row, -1 for padding at the end."""
+        rows = []
+        for seg in segment:
+            lengths = torch.bincount(seg[seg >= 0]).tolist()  # tokens of sequence 0, 1, ...
+            ends = torch.tensor(lengths).cumsum(0).tolist() if lengths else []
+            rows.append(tuple(zip([0] + ends[:-1], ends)))
+        return cls(tuple(rows))
+
+    def to(self, *args, **kwargs) -> "Spans":
+        """Itself: spans are plain integers, so moving a batch to a device (`v.to(device)` on each
+        value) leaves them as they are."""
+        return self
+
+    def mask(self, T: int) -> torch.Tensor:
+        """The same rows as a (B, T, T) boolean block-diagonal mask (causality is left to the model)."""
+        segment = torch.full((len(self.rows), T), -1, dtype=torch.long)
+        for b, row in enumerate(self.rows):
+            for s, (start, end) in enumerate(row):
+                segment[b, start:end] = s
+        return segment_mask(segment, torch.zeros_like(segment))

@@ -15,8 +15,9 @@ the end-of-sequence token appended, as TRL's SFTTrainer does.
 Labels are shifted at load time, per example (`labels[t]` is the token position t predicts, or
 IGNORE_INDEX), so that packing never asks the last token of one example to predict the first
 token of the next. Packing puts consecutive examples (of the shuffled order) in one row while they
-fit; positions restart at 0 for each example and a block-diagonal mask keeps attention inside it
-(`anita.model.masks.segment_mask`).
+fit; positions restart at 0 for each example and attention stays inside it: the batch carries the
+rows' `Spans` (`anita.model.masks`), and the model attends within each example alone, the
+block-diagonal mask without building it.
 
 Batches hold `batch_size` rows by default. With a token budget (`max_tokens`) they are built by
 `budget_batches` instead: length-grouped, at most max_tokens tokens each counting padding, and with
@@ -40,7 +41,7 @@ import torch
 
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
-from anita.model.masks import segment_mask
+from anita.model.masks import Spans
 from anita.model.logprobs import IGNORE_INDEX, next_token_labels
 from anita.model.tokenizer import common_prefix_length
 from anita.sources import TokenStore, cached_store, open_source, parse_columns, rename, tokenizer_fingerprint
@@ -275,8 +276,9 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows of examples -> one micro-batch, right-padded to the longest row.
 
     input_ids, labels, position_ids: (B, T). attention_mask: (B, T) 0/1 when every row holds one
-    example, else the (B, T, T) boolean "same example" mask (block-diagonal; the model adds
-    causality). `num_tokens` counts the real (non-pad) tokens.
+    example, else the rows' `Spans` (where each example starts and ends: the model attends within
+    each example alone, with no (B, T, T) mask; `Spans.mask` is the block-diagonal mask they stand
+    for). `num_tokens` counts the real (non-pad) tokens.
     """
     T = max(sum(len(e.input_ids) for e in row) for row in rows)
     B = len(rows)
@@ -295,7 +297,7 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     if max(len(row) for row in rows) == 1:
         attention_mask = (segment >= 0).long()  # (B, T)
     else:
-        attention_mask = segment_mask(segment, torch.zeros_like(segment))  # (B, T, T) block-diagonal
+        attention_mask = Spans.from_segments(segment)  # packed rows: varlen attention, no mask
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "attention_mask": attention_mask, "num_tokens": torch.tensor(int((segment >= 0).sum()))}
 

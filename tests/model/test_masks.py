@@ -1,12 +1,16 @@
-"""Tests for anita/model/masks.py (the segment/branch attention mask, against masks written by hand)
-and for `attend` in anita/model/llama.py (the CUDA kernel choice; skipped without a GPU)."""
+"""Tests for anita/model/masks.py (the segment/branch attention mask, against masks written by hand;
+`Spans`, packed rows without a mask, against that mask) and for `attend` in anita/model/llama.py
+(varlen attention over spans; the CUDA kernel choice, skipped without a GPU)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from anita.model.llama import attend, attention_mask_4d
-from anita.model.masks import segment_mask
+from anita.errors import AnitaError
+from anita.lora import LoraConfig, apply_lora, lora_parameters
+from anita.model.llama import KVCache, attend, attention_mask_4d
+from anita.model.masks import Spans, segment_mask
+from tests.conftest import tiny_model
 
 
 def test_shared_prompt_mask_is_the_hand_written_one():
@@ -45,6 +49,63 @@ def test_attend_without_a_mask_is_causal_sdpa_with_gqa():
     assert torch.allclose(attend(q, k, v, None), want, atol=1e-6)
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     assert torch.allclose(attend(q, k, v, mask), want, atol=1e-6)
+
+
+def test_spans_from_segments_and_their_mask():
+    segment = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    spans = Spans.from_segments(segment)
+    assert spans == Spans((((0, 3), (3, 5)), ((0, 6),)))
+    assert torch.equal(spans.mask(6), segment_mask(segment, torch.zeros_like(segment)))
+    assert spans.to("cpu") is spans  # a batch moved value by value keeps its spans
+
+
+def test_attend_over_spans_equals_the_block_diagonal_mask():
+    """GQA (4 query heads, 2 kv heads), three rows: two packed examples + padding, one example
+    filling the row, three examples. Outputs and the gradients of q, k and v, on real tokens."""
+    spans = Spans((((0, 3), (3, 7)), ((0, 9),), ((0, 2), (2, 3), (3, 8))))
+    q, k, v = (torch.randn(3, n, 9, 8, dtype=torch.float64, requires_grad=True) for n in (4, 2, 2))
+    real = spans.mask(9).diagonal(dim1=1, dim2=2)[:, None, :, None]  # (3, 1, 9, 1) real tokens
+    g = torch.randn(3, 4, 9, 8, dtype=torch.float64) * real
+    results = []
+    for mask in (spans, attention_mask_4d(spans.mask(9), 9, 9, "cpu")):
+        out = attend(q, k, v, mask)
+        grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+        results.append((out * real, *grads))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["off", "full", "selective"])
+def test_packed_model_over_spans_equals_the_mask(mode):
+    """A QLoRA-shaped model (LoRA on the projections) trained on two packed rows: hidden states and
+    LoRA gradients through spans equal those through the block-diagonal mask, in fp32."""
+    model = tiny_model("llama3.1")
+    torch.manual_seed(0)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape) * 0.05)
+    model.train().checkpointing = mode
+    spans = Spans((((0, 5), (5, 12)), ((0, 4), (4, 10))))
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(4)) + list(range(6)) + [0, 0]])
+    real = spans.mask(12).diagonal(dim1=1, dim2=2)[..., None]  # (2, 12, 1)
+    results = []
+    for mask in (spans, spans.mask(12)):
+        model.zero_grad()
+        hidden = model.hidden_states(ids, mask, positions) * real
+        hidden.square().sum().backward()
+        results.append((hidden.detach(), [p.grad.clone() for p in lora_parameters(model)]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(results[0][1], results[1][1]):  # fp32 sums over 22 tokens
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_spans_refuse_a_kv_cache():
+    model = tiny_model("llama3.1")
+    with pytest.raises(AnitaError, match="Spans"):
+        model.hidden_states(torch.ones(1, 3, dtype=torch.long), Spans((((0, 3),),)),
+                            cache=KVCache(model.config, batch_size=1, max_len=8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -13,6 +13,7 @@ import torch
 
 from anita.errors import AnitaError
 from anita.model.logprobs import IGNORE_INDEX as X
+from anita.model.masks import Spans
 from anita.train.data import MicroBatches, budget_batches, collate, load_examples, make_example, pack_rows
 from tests.train.conftest import write_jsonl
 
@@ -122,7 +123,8 @@ def test_collate_packed_rows_restart_positions_and_block_attention():
     assert batch["labels"].tolist() == [[2, 3, X, 5, X], [X, 8, 9, X, X]]  # a's last token never predicts b's first
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert batch["num_tokens"].item() == 9
-    m = batch["attention_mask"]
+    assert batch["attention_mask"] == Spans((((0, 3), (3, 5)), ((0, 4),)))  # each example alone: no mask
+    m = batch["attention_mask"].mask(5)  # the block-diagonal mask those spans stand for
     assert m.shape == (2, 5, 5) and m.dtype == torch.bool
     assert m[0].int().tolist() == [[1, 1, 1, 0, 0]] * 3 + [[0, 0, 0, 1, 1]] * 2
     assert m[1, :4].int().tolist() == [[1, 1, 1, 1, 0]] * 4 and not m[1, 4].any()  # padding attends nothing
@@ -181,7 +183,7 @@ def test_token_budget_micro_batches_respect_the_budget_and_see_every_example_onc
             if packing:  # one padding-free row; positions restart at every example
                 assert batch["input_ids"].shape[0] == 1 and batch["num_tokens"] == batch["input_ids"].numel()
                 starts = (batch["position_ids"][0] == 0).sum().item()
-                assert batch["attention_mask"].dim() == 3 or starts == 1
+                assert isinstance(batch["attention_mask"], Spans) or starts == 1
             tokens += batch["num_tokens"].item()
         assert tokens == total  # every example once per epoch; num_tokens counts real tokens only
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from anita.errors import AnitaError
 from anita.lora import LoraConfig, apply_lora, lora_parameters
 from anita.train.data import collate, make_example
+from anita.model.masks import Spans
 from anita.train.loss import sft_loss
 from tests.conftest import tiny_model
 
@@ -60,7 +61,7 @@ def test_packed_batch_gives_each_example_its_own_loss():
     model = tiny_model("llama3")
     examples = _examples(seed=2)
     packed = collate([examples], pad_id=0)
-    assert packed["attention_mask"].dim() == 3
+    assert isinstance(packed["attention_mask"], Spans)
     hidden = model.hidden_states(packed["input_ids"], packed["attention_mask"], packed["position_ids"])
     logps = -F.cross_entropy(model.lm_head(hidden).float()[0], packed["labels"][0], reduction="none")  # (T,)
     start = 0
