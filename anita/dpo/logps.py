@@ -7,8 +7,9 @@ model (`anita.dpo.reference`) score. `concatenated_logps` takes either layout of
   answer tokens (`anita.model.logprobs`), summed per row (`completion_logps`, which KTO also calls
   on its unpaired rows).
 - shared-prompt (`shared_prompt_logps`): one forward of rows [prompt; chosen; rejected] (packed or
-  not) under the mask of `anita.model.masks.segment_mask`, each prompt computed once (Wang et al.
-  2024, arXiv 2410.20305). A token's log-prob is read from the hidden state of the token that
+  not) with the attention of `anita.model.masks.segment_mask`'s mask, computed from the rows'
+  `Spans` without building it (`anita.model.llama.attend_spans`), each prompt computed once (Wang
+  et al. 2024, arXiv 2410.20305). A token's log-prob is read from the hidden state of the token that
   predicts it (`source`): the previous token of its answer, or the prompt's last token for an
   answer's first token, which both answers share. The same numbers as two_row_logps up to rounding.
 
@@ -29,7 +30,7 @@ from anita.model.logprobs import (
     sequence_logps,
     token_logps,
 )
-from anita.model.masks import segment_mask
+from anita.model.masks import Spans
 
 
 @dataclass
@@ -100,7 +101,7 @@ def shared_prompt_logps(model, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE
     ids, segment, branch, source = batch["input_ids"], batch["segment"], batch["branch"], batch["source"]  # [N, T]
     N, T = ids.shape
     B = batch["index"].shape[0]
-    hidden = model.hidden_states(ids, attention_mask=segment_mask(segment, branch),
+    hidden = model.hidden_states(ids, attention_mask=Spans.from_ids(segment, branch),  # no [N, T, T] mask
                                  position_ids=batch["position_ids"])  # [N, T, D]
     scored = (source >= 0).reshape(-1).nonzero().squeeze(1)  # [M] flat index of each answer token
     predictor = scored.div(T, rounding_mode="floor") * T + source.reshape(-1)[scored]  # [M] flat index

@@ -136,19 +136,41 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> torch.Tensor:
-    """Attention of packed rows without a mask (varlen attention): each sequence of `spans` attends
-    causally to itself alone, through SDPA's unmasked causal kernel; padding gets 0 (never used).
-    Equal to `attend` with `spans.mask(T)` (tests/model/test_masks.py); its scores cost Σ L² per
-    row instead of (Σ L)². q (B, H, T, E), k and v (B, K, T, E) -> (B, H, T, E)."""
+    """Attention of packed or prefix-shared rows without a (T, T) mask (varlen attention), equal to
+    `attend` with `spans.mask(T)` (tests/model/test_masks.py). Per sequence of `spans`:
+
+    - the shared part and its first branch (a whole SFT example; a pair's prompt + chosen) run SDPA's
+      unmasked causal kernel on their own;
+    - each further branch (rejected) attends to the shared part's keys and causally to its own: its
+      queries against [shared; branch] keys with a (L, P + L) mask;
+    - padding gets 0 (never used).
+
+    The scores cost Σ (P + C)² / 2 + R·(P + R) per row instead of the (P + C + R)² a masked kernel
+    computes. q (B, H, T, E), k and v (B, K, T, E) -> (B, H, T, E).
+    """
     B, H, T, E = q.shape
     rows = []
     for b, row in enumerate(spans.rows):
-        parts = [attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None) for s, e in row]  # (1, H, L, E)
-        end = row[-1][1] if row else 0
+        qb, kb, vb, parts = q[b:b + 1], k[b:b + 1], v[b:b + 1], []  # (1, ., T, E)
+        for start, shared_end, *ends in row:
+            first = ends[0] if ends else shared_end
+            parts.append(attend(qb[:, :, start:first], kb[:, :, start:first], vb[:, :, start:first], None))
+            for lo, hi in zip(ends, ends[1:]):  # the other branches
+                keys = torch.cat([kb[:, :, start:shared_end], kb[:, :, lo:hi]], dim=2)  # (1, K, P + L, E)
+                values = torch.cat([vb[:, :, start:shared_end], vb[:, :, lo:hi]], dim=2)
+                parts.append(attend(qb[:, :, lo:hi], keys, values, branch_mask(shared_end - start, hi - lo, q.device)))
+        end = row[-1][-1] if row else 0
         if end < T:
             parts.append(q.new_zeros(1, H, T - end, E))  # padding
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, E)
     return torch.cat(rows)  # (B, H, T, E)
+
+
+def branch_mask(P: int, L: int, device) -> torch.Tensor:
+    """(1, 1, L, P + L) boolean: a branch's L queries see all P shared keys and, causally, its own."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(P + L, device=device)[None, :]
+    return ((j < P) | (j - P <= i))[None, None]
 
 
 # ------------------------------------------------------------------------------- blocks

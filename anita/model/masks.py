@@ -59,20 +59,36 @@ def segment_mask(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Spans:
-    """Rows that hold whole sequences back to back: rows[b] = the (start, end) of each sequence of
-    row b, the first starting at 0; what follows the last is padding. Passed as `attention_mask`,
-    it replaces the block-diagonal mask (`mask` builds that mask, the plain path beside it)."""
+    """Where each sequence of each row lies, for attention without a mask (`attend_spans`).
 
-    rows: tuple[tuple[tuple[int, int], ...], ...]
+    rows[b] holds one tuple per sequence of row b, in order: (start, shared_end, end_1, end_2, ...).
+    [start, shared_end) is the shared part (a whole SFT example, a DPO pair's prompt); each branch
+    [previous end, end_j) continues it (chosen, rejected). Sequences lie back to back from position
+    0; what follows the last is padding. Passed as `attention_mask`, spans stand for the mask
+    `segment_mask` builds from the same rows (`mask` builds it: the plain path beside them)."""
+
+    rows: tuple[tuple[tuple[int, ...], ...], ...]
 
     @classmethod
-    def from_segments(cls, segment: torch.Tensor) -> "Spans":
-        """From (B, T) segment ids numbered 0, 1, ... along each row, -1 for padding at the end."""
+    def from_ids(cls, segment: torch.Tensor, branch: torch.Tensor | None = None) -> "Spans":
+        """From the (B, T) segment ids (-1 = padding, which must come last) and branch ids (None: all
+        0, packed SFT) that `segment_mask` reads."""
+        if branch is None:
+            branch = torch.zeros_like(segment)
         rows = []
-        for seg in segment:
-            lengths = torch.bincount(seg[seg >= 0]).tolist()  # tokens of sequence 0, 1, ...
-            ends = torch.tensor(lengths).cumsum(0).tolist() if lengths else []
-            rows.append(tuple(zip([0] + ends[:-1], ends)))
+        for seg, br in zip(segment.tolist(), branch.tolist()):
+            real = sum(s >= 0 for s in seg)
+            if any(s < 0 for s in seg[:real]):
+                raise ValueError("Spans: padding (segment -1) must come after every real token of a row")
+            row, t = [], 0
+            while t < real:
+                ends, start = [], t
+                while t < real and seg[t] == seg[start]:
+                    t += 1
+                    if t == real or seg[t] != seg[start] or br[t] != br[t - 1]:
+                        ends.append(t)  # the end of the shared part or of a branch
+                row.append((start, *ends))
+            rows.append(tuple(row))
         return cls(tuple(rows))
 
     def to(self, *args, **kwargs) -> "Spans":
@@ -81,9 +97,12 @@ class Spans:
         return self
 
     def mask(self, T: int) -> torch.Tensor:
-        """The same rows as a (B, T, T) boolean block-diagonal mask (causality is left to the model)."""
+        """The same rows as `segment_mask`'s (B, T, T) boolean mask (causality is left to the model)."""
         segment = torch.full((len(self.rows), T), -1, dtype=torch.long)
+        branch = torch.full_like(segment, -1)
         for b, row in enumerate(self.rows):
-            for s, (start, end) in enumerate(row):
-                segment[b, start:end] = s
-        return segment_mask(segment, torch.zeros_like(segment))
+            for s, (start, *ends) in enumerate(row):
+                segment[b, start:ends[-1]] = s
+                for j, (lo, hi) in enumerate(zip([start, *ends[:-1]], ends)):
+                    branch[b, lo:hi] = j  # 0 = shared, 1, 2, ... = the branches
+        return segment_mask(segment, branch)

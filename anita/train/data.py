@@ -297,7 +297,7 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     if max(len(row) for row in rows) == 1:
         attention_mask = (segment >= 0).long()  # (B, T)
     else:
-        attention_mask = Spans.from_segments(segment)  # packed rows: varlen attention, no mask
+        attention_mask = Spans.from_ids(segment)  # packed rows: varlen attention, no mask
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "attention_mask": attention_mask, "num_tokens": torch.tensor(int((segment >= 0).sum()))}
 

@@ -53,16 +53,31 @@ def test_attend_without_a_mask_is_causal_sdpa_with_gqa():
 
 def test_spans_from_segments_and_their_mask():
     segment = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
-    spans = Spans.from_segments(segment)
+    spans = Spans.from_ids(segment)
     assert spans == Spans((((0, 3), (3, 5)), ((0, 6),)))
     assert torch.equal(spans.mask(6), segment_mask(segment, torch.zeros_like(segment)))
     assert spans.to("cpu") is spans  # a batch moved value by value keeps its spans
 
 
-def test_attend_over_spans_equals_the_block_diagonal_mask():
-    """GQA (4 query heads, 2 kv heads), three rows: two packed examples + padding, one example
-    filling the row, three examples. Outputs and the gradients of q, k and v, on real tokens."""
-    spans = Spans((((0, 3), (3, 7)), ((0, 9),), ((0, 2), (2, 3), (3, 8))))
+def test_spans_of_shared_prompt_rows_and_their_mask():
+    """Pairs (prompt, chosen, rejected) as `collate_shared` numbers them: segment = the pair's place
+    in the batch, branch 0/1/2; the second row holds two pairs and no padding."""
+    segment = torch.tensor([[0, 0, 0, 0, 0, -1], [1, 1, 1, 2, 2, 2]])
+    branch = torch.tensor([[0, 0, 1, 1, 2, -1], [0, 1, 2, 0, 1, 2]])
+    spans = Spans.from_ids(segment, branch)
+    assert spans == Spans((((0, 2, 4, 5),), ((0, 1, 2, 3), (3, 4, 5, 6))))
+    assert torch.equal(spans.mask(6), segment_mask(segment, branch))
+    with pytest.raises(ValueError, match="padding"):
+        Spans.from_ids(torch.tensor([[0, -1, 0]]))
+
+
+@pytest.mark.parametrize("spans", [
+    Spans((((0, 3), (3, 7)), ((0, 9),), ((0, 2), (2, 3), (3, 8)))),  # packed SFT rows
+    Spans((((0, 4, 6, 9),), ((0, 1, 5, 6), (6, 8, 9, 9)), ((0, 3, 4, 7),))),  # pairs; one empty rejected
+], ids=["packed", "shared-prompt"])
+def test_attend_over_spans_equals_the_mask(spans):
+    """GQA (4 query heads, 2 kv heads), three rows with padding or without. Outputs and the
+    gradients of q, k and v, on real tokens, in fp64."""
     q, k, v = (torch.randn(3, n, 9, 8, dtype=torch.float64, requires_grad=True) for n in (4, 2, 2))
     real = spans.mask(9).diagonal(dim1=1, dim2=2)[:, None, :, None]  # (3, 1, 9, 1) real tokens
     g = torch.randn(3, 4, 9, 8, dtype=torch.float64) * real
