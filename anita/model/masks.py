@@ -28,15 +28,18 @@ Example, one row holding a pair (prompt p0 p1, chosen c0 c1, rejected r0) and pa
                                           c1: 1 1 1 1 . .
                                           r0: 1 1 . . 1 .
 
-Packed SFT rows (one branch, sequences back to back) need no mask at all: `Spans` lists where each
-sequence starts and ends, and `anita.model.llama.attend` runs each one through SDPA's unmasked causal
-kernel on its own (varlen attention, as FlashAttention's varlen interface does on CUDA). A mask
-would make the kernel compute the scores of the whole row, (Σ L)² per row instead of Σ L².
+The model never builds this mask in training: `Spans` lists where each sequence and each of its
+branches starts and ends, and `anita.model.llama.attend_spans` computes the same attention without
+it (varlen attention, as FlashAttention's varlen interface does on CUDA): a sequence's shared part
+with its first branch through SDPA's unmasked causal kernel, each further branch against
+[shared part; itself] with a small (L, P + L) mask. A (T, T) mask would make the kernel compute
+the scores of the whole row, (Σ L)² per row, and on CUDA would rule out FlashAttention.
+`segment_mask` (and `Spans.mask`) is the definition the tests hold `attend_spans` to.
 
-Kernels: on CPU, SDPA runs its flash kernel with the boolean mask (forward and backward). On CUDA,
-FlashAttention takes no mask, so SDPA with a mask runs the memory-efficient kernel (`attend` in
+Kernels: the unmasked calls run SDPA's flash kernel (CPU) or FlashAttention (CUDA). A branch's masked
+call runs the CPU flash kernel with its mask; on CUDA the memory-efficient kernel (`attend` in
 `anita.model.llama` makes sure it can; see its docstring), never the math kernel that would hold
-(B, H, T, S) attention weights.
+the attention weights.
 
 Shapes: B rows, T tokens per row.
 """
