@@ -118,8 +118,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     Each group of H/K query heads shares one kv head (GQA); SDPA broadcasts it (`enable_gqa`).
     With no mask, plain causal attention (FlashAttention on CUDA, SDPA's flash kernel on CPU). With
-    `Spans` (packed rows), the same per sequence (`attend_spans`). With
-    a boolean mask (padding, packed or prefix-shared rows, `anita.model.masks`), the CPU flash
+    `Spans` (packed or prefix-shared rows), the same per sequence (`attend_spans`). With a boolean
+    mask (padding; a prefix-shared branch; any mask a caller builds, `anita.model.masks`), the CPU flash
     kernel takes the mask as it is. On CUDA FlashAttention takes no mask, so the kernel to run is the
     memory-efficient one (any mask, forward and backward, O(T) memory), not the math fallback that
     keeps the (B, H, T, S) weights; some torch versions' efficient kernel refuses grouped kv heads,
@@ -331,14 +331,14 @@ class Llama(nn.Module):
         """The final-norm hidden states (B, T, D); the output head is left to the caller.
 
         attention_mask: None (causal), a (B, S) 0/1 padding mask, a (B, T, S) boolean mask
-        (`attention_mask_4d`), or `Spans` for packed rows (no mask: `attend_spans`)."""
+        (`attention_mask_4d`), or `Spans` for packed or prefix-shared rows (no mask: `attend_spans`)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)  # (B, T, E) each
-        if isinstance(attention_mask, Spans):  # packed rows: no mask, each sequence on its own
+        if isinstance(attention_mask, Spans):  # packed or shared-prompt rows: no mask, each sequence on its own
             if cache is not None:
                 raise AnitaError("packed rows (Spans) cannot be decoded with a KV cache")
             mask = attention_mask
