@@ -1,0 +1,104 @@
+"""A/B of one shortcut of anita's training step against the plain path beside it, in one process.
+
+    python benchmarks/ab_step.py --change lean|spans [--only sft,sft-recipe,dpo,dpo-recipe]
+                                 [--checkpointing full] [--head-dtype bf16] [--steps 4]
+
+Builds exactly the step `run.py` times (`anita_side.py`, same workload), then alternates the two
+paths step by step (A, B, A, B, ...) after one warm-up step of each, and prints the median of each
+by process CPU time (1 thread by default): a neighbour's job on a shared machine slows both paths
+alike instead of one run. The changes:
+
+- lean: `LoraLinear.lean` on (anita/lora/lean.py) or off (PEFT's five-node update, base first);
+- spans: packed and shared-prompt rows attend per sequence (`Spans`, `attend_spans`) or through
+  the (T, T) mask those spans stand for (`Spans.mask`, the plain path).
+
+Peak memory is not compared here (one process holds both); `run.py` measures it per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import anita_side  # noqa: E402
+from benchmarks.common import default_workload, model_dir  # noqa: E402
+
+TRAIN_BENCHES = ("sft", "sft-recipe", "dpo", "dpo-recipe")
+
+
+def set_lean(on: bool) -> None:
+    """Every LoRA layer built so far takes the lean update (on) or the plain one."""
+    import gc
+
+    from anita.lora import LoraLinear
+
+    for layer in (o for o in gc.get_objects() if isinstance(o, LoraLinear)):
+        layer.lean = on
+
+
+def set_spans(on: bool) -> None:
+    """`Llama.hidden_states` attends through the Spans it is given (on) or through their mask."""
+    from anita.model.llama import Llama
+    from anita.model.masks import Spans
+
+    plain = getattr(Llama, "_ab_plain_hidden_states", Llama.hidden_states)
+    Llama._ab_plain_hidden_states = plain
+
+    def through_mask(self, input_ids, attention_mask=None, *args, **kwargs):
+        if isinstance(attention_mask, Spans):
+            attention_mask = attention_mask.mask(input_ids.shape[1]).to(input_ids.device)  # (B, T, T)
+        return plain(self, input_ids, attention_mask, *args, **kwargs)
+
+    Llama.hidden_states = plain if on else through_mask
+
+
+CHANGES = {"lean": set_lean, "spans": set_spans}
+
+
+def ab(bench: str, w, change: str, steps: int) -> dict[str, float]:
+    step, _ = getattr(anita_side, f"{bench.replace('-', '_')}_step")(model_dir(w), w)
+    toggle, times = CHANGES[change], {True: [], False: []}
+    for on in (True, False):  # warm-up of each path
+        toggle(on)
+        step()
+    for _ in range(steps):
+        for on in (True, False):
+            toggle(on)
+            start = time.process_time()
+            step()
+            times[on].append(time.process_time() - start)
+    toggle(True)
+    return {"shortcut_s": statistics.median(times[True]), "plain_s": statistics.median(times[False])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--change", choices=tuple(CHANGES), required=True)
+    p.add_argument("--only", default=",".join(TRAIN_BENCHES))
+    p.add_argument("--checkpointing", choices=("full", "selective", "off"), default="full")
+    p.add_argument("--head-dtype", dest="head_dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="timed steps of each path")
+    args = p.parse_args(argv)
+    w = default_workload("cpu", quick=False)
+    w.checkpointing, w.head_dtype, w.threads = args.checkpointing, args.head_dtype, args.threads
+    torch.set_num_threads(w.threads)
+    print(f"| workload | plain s/step | {args.change} s/step | speed-up |\n|---|---:|---:|---:|")
+    for bench in args.only.split(","):
+        r = ab(bench, w, args.change, args.steps)
+        print(f"| {bench}, ckpt={w.checkpointing} | {r['plain_s']:.2f} | {r['shortcut_s']:.2f} | "
+              f"{r['plain_s'] / r['shortcut_s']:.2f}× |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
