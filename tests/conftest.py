@@ -40,6 +40,24 @@ def tiny_model(variant: str = "llama3.1", seed: int = 0, **overrides) -> Llama:
     return Llama(tiny_config(variant, **overrides)).init_weights(seed=seed).eval()
 
 
+def tiny_lora_model(compute_dtype=torch.bfloat16, quantize: bool = True, **lora) -> Llama:
+    """The tiny Llama 3.1, NF4 in `compute_dtype` (or dense with quantize=False), LoRA r=4 alpha=8 (a
+    power-of-two scale) on the seven projections, and every adapter weight moved off its init (B = 0
+    would hide an error in the update's gradient path); in training mode."""
+    from anita.lora import LoraConfig, apply_lora, lora_parameters
+    from anita.quant import quantize_model
+
+    model = tiny_model("llama3.1")
+    if quantize:
+        quantize_model(model, compute_dtype=compute_dtype)
+    torch.manual_seed(0)
+    apply_lora(model, LoraConfig(**({"r": 4, "alpha": 8} | lora)))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return model.train()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: the directory of a saved tiny model of the given variant (cached per variant)."""

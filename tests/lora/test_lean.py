@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from anita.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_parameters
-from anita.quant import Linear4bit, quantize_model
-from tests.conftest import tiny_model
+from anita.lora import LoraConfig, LoraLinear, lora_layers, lora_parameters
+from anita.quant import Linear4bit
+from tests.conftest import tiny_lora_model
 
 
 def _layer(nf4=False, **config):
@@ -109,14 +109,8 @@ def test_whole_qlora_model_equals_the_plain_path(mode, compute_dtype):
     """The loss bit for bit. The gradients to rounding: the lean layer runs its update before the
     base matmul, so in backward the six terms of a block input's gradient (q, k, v: base and
     update) arrive, and are summed, in another order."""
-    model = tiny_model("llama3.1")
-    quantize_model(model, compute_dtype=compute_dtype)
-    torch.manual_seed(0)
-    apply_lora(model, LoraConfig(r=4, alpha=2.0))
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.add_(torch.randn(p.shape) * 0.05)
-    model.train().checkpointing = mode
+    model = tiny_lora_model(compute_dtype)  # scale 8/4 = 2, a power of two
+    model.checkpointing = mode
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     (lean_loss, lean_grads), (loss, grads) = _model_step(model, ids, True), _model_step(model, ids, False)
     assert torch.equal(lean_loss, loss)
@@ -159,9 +153,9 @@ def test_keeps_the_shared_input_once_and_not_in_fp32():
 def test_full_checkpointing_does_not_recompute_down_proj():
     """The update before the base matmul: full checkpointing's recomputation of a block stops before
     down_proj's NF4 GEMM (6 of 7 per block rerun); in the plain order it reruns all 7."""
-    from tests.model.test_fast_paths import _backward_ops, _qlora
+    from tests.model.test_fast_paths import _backward_ops
 
-    model = _qlora(torch.float32)
+    model = tiny_lora_model(torch.float32)
     reruns = {}
     for lean in (True, False):
         for layer in lora_layers(model).values():

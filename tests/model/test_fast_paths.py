@@ -16,24 +16,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from anita.lora import LoraConfig, apply_lora, lora_parameters
+from anita.lora import lora_parameters
 from anita.model.fused import can_fuse, set_fused_projections
-from anita.quant import quantize_model
-from tests.conftest import tiny_model
+from tests.conftest import tiny_lora_model, tiny_model
 
 IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(5))
-
-
-def _qlora(compute_dtype=torch.bfloat16, quantize=True, **lora):
-    model = tiny_model("llama3.1")
-    if quantize:
-        quantize_model(model, compute_dtype=compute_dtype)
-    torch.manual_seed(0)
-    apply_lora(model, LoraConfig(**({"r": 4, "alpha": 8} | lora)))
-    with torch.no_grad():  # B = 0 at init would hide any error in the adapter's gradient path
-        for p in lora_parameters(model):
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    return model.train()
 
 
 def _loss_and_grads(model):
@@ -45,7 +32,7 @@ def _loss_and_grads(model):
 
 @pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
 def test_selective_checkpointing_equals_full_and_none(compute_dtype):
-    model = _qlora(compute_dtype)
+    model = tiny_lora_model(compute_dtype)
     results = {}
     for mode in ("off", "full", "selective"):
         model.checkpointing = mode
@@ -78,7 +65,7 @@ def _backward_ops(model, mode):
 def test_selective_recomputes_only_cheap_work():
     """In backward, "full" reruns every projection GEMM and attention forward; "selective" reruns
     no attention forward and only LoRA's rank-R matmuls, but still the RMSNorm (rsqrt) and SiLU."""
-    model = _qlora(torch.float32)
+    model = tiny_lora_model(torch.float32)
     full, selective, off = (_backward_ops(model, m) for m in ("full", "selective", "off"))
     attention = [op for op in full if "scaled_dot_product" in op and "backward" not in op]
     assert attention and not [op for op in selective if "scaled_dot_product" in op and "backward" not in op]
@@ -108,7 +95,7 @@ def test_fused_nf4_projections_equal_the_plain_ones(compute_dtype, grad_tol):
     same dot products (equal here to rounding); the input gradient sums the q/k/v terms inside one GEMM
     instead of adding three rounded (B, T, D) results, so it differs by the compute dtype's rounding
     (bf16: ~3 significant digits)."""
-    model = _qlora(compute_dtype)
+    model = tiny_lora_model(compute_dtype)
     (loss, grads), (f_loss, f_grads) = _fused_vs_plain(model)
     torch.testing.assert_close(f_loss, loss, atol=1e-6 if compute_dtype == torch.float32 else 1e-3, rtol=0)
     for got, expected in zip(f_grads, grads):
@@ -117,7 +104,7 @@ def test_fused_nf4_projections_equal_the_plain_ones(compute_dtype, grad_tol):
 
 def test_fused_layer_outputs_equal_the_plain_ones_exactly():
     """One block's q, k, v from the fused GEMM against the three plain layers: bit-equal in fp32."""
-    model = _qlora(torch.float32)
+    model = tiny_lora_model(torch.float32)
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(1))
     attn.fused = False
@@ -129,7 +116,7 @@ def test_fused_layer_outputs_equal_the_plain_ones_exactly():
 
 @pytest.mark.parametrize("lora", [dict(use_dora=True), dict()])
 def test_fused_dense_frozen_bases_dora_and_disabled_adapters(lora):
-    model = _qlora(quantize=False, **lora)
+    model = tiny_lora_model(quantize=False, **lora)
     (loss, grads), (f_loss, f_grads) = _fused_vs_plain(model)
     torch.testing.assert_close(f_loss, loss, atol=1e-6, rtol=0)
     for got, expected in zip(f_grads, grads):
@@ -152,7 +139,7 @@ def test_fusion_refuses_what_it_cannot_fuse():
 
 
 def test_fused_and_selective_together_equal_the_plain_step():
-    model = _qlora(torch.float32)
+    model = tiny_lora_model(torch.float32)
     model.checkpointing = "off"
     loss, grads = _loss_and_grads(model)
     model.checkpointing = "selective"
