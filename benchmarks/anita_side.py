@@ -88,7 +88,7 @@ def sft_step(path, w: Workload):
     batch = {"input_ids": ids, "attention_mask": None, "position_ids": None,
              "labels": next_token_labels(ids, torch.ones_like(ids))}  # (B, T), the last position unscored
     info = {}
-    return sft_train_step(model, opt, batch, info), info
+    return sft_train_step(model, opt, batch, info, w.chunk_size), info
 
 
 def sft_recipe_step(path, w: Workload):
@@ -118,16 +118,16 @@ def sft_recipe_step(path, w: Workload):
     batch = collate([[examples[i] for i in row] for row in rows], pad_id=0)  # (rows, T) [+ (rows, T, T) mask]
     info = {"num_tokens": int(batch.pop("num_tokens")), "mean_len": sum(lengths) / len(lengths)}
     batch = {k: v.to(w.device) for k, v in batch.items()}
-    return sft_train_step(model, opt, batch, info), info
+    return sft_train_step(model, opt, batch, info, w.chunk_size), info
 
 
-def sft_train_step(model, opt, batch: dict, info: dict):
+def sft_train_step(model, opt, batch: dict, info: dict, chunk_size: int):
     """One optimizer step of `sft_loss` (the mean over the batch's labelled tokens, as the training
     loop divides by them); records the first and the last loss in `info`."""
     from anita.train.loss import sft_loss
 
     def step():
-        loss_sum, count, _ = sft_loss(model, batch)
+        loss_sum, count, _ = sft_loss(model, batch, chunk_size=chunk_size)
         loss = loss_sum / count
         loss.backward()
         opt.step()
@@ -148,7 +148,7 @@ def dpo_step(path, w: Workload, recipe: bool = False):
     model, opt = qlora_model(path, w)
     ids, completion, attention = preference_rows(model.config.vocab_size, w, recipe)  # (2B, T) each
     batch = {k: v.to(w.device) for k, v in dpo_batch(ids, completion, attention, w.dpo_layout).items()}
-    settings, reference = DPOSettings(beta=w.beta), AdaptersOff()
+    settings, reference = DPOSettings(beta=w.beta, chunk_size=w.chunk_size), AdaptersOff()
     info = {"num_tokens": int(attention.sum()), "mean_len": float(attention.sum(1).float().mean())}
 
     def step():

@@ -119,7 +119,8 @@ def job_label(job: str, w: Workload) -> str:
     shape = {"dpo-recipe": f"P~{w.recipe_prompt[0]}-{w.recipe_prompt[1]} A~{w.recipe_answer[0]}-{w.recipe_answer[1]}",
              "sft-recipe": f"P~{w.sft_prompt[0]}-{w.sft_prompt[1]} A~{w.sft_answer[0]}-{w.sft_answer[1]}"
              }.get(bench, f"T={w.seq_len}")
-    extra = "".join([", head bf16" if w.head_dtype != "fp32" else "", ", fused" if w.fused else ""])
+    extra = "".join([", head bf16" if w.head_dtype != "fp32" else "", ", fused" if w.fused else "",
+                     f", chunk {w.chunk_size}" if w.chunk_size != 256 else ""])
     return (f"{what} {w.train_dtype}, B={w.batch} {shape}, r={w.lora_r}, ckpt={w.checkpointing}, "
             f"{w.threads} thr{extra}")
 
@@ -205,6 +206,7 @@ def main(argv=None) -> int:
                    help="anita's DPO batch layout (default shared, as `anita dpo`; two-row is TRL's)")
     p.add_argument("--sft-layout", dest="sft_layout", choices=("packed", "padded"),
                    help="anita's sft-recipe batch layout (default packed: one padding-free row; padded is TRL's)")
+    p.add_argument("--chunk-size", dest="chunk_size", type=int, help="anita's output head: tokens per chunk (default 256)")
     p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "JOB"), help=argparse.SUPPRESS)
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
 
     w = default_workload(args.device, args.quick)
     for name in ("repeats", "model", "train_dtype", "head_dtype", "fused", "batch", "seq_len", "dpo_layout",
-                 "sft_layout"):
+                 "sft_layout", "chunk_size"):
         if getattr(args, name) is not None:
             setattr(w, name, getattr(args, name))
     benches = [b for b in args.only.split(",") if b]

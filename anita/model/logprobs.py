@@ -35,8 +35,8 @@ from anita.errors import AnitaError
 
 IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding); their log-prob is 0
 # Tokens per chunk: the largest temporary is [chunk, V] fp32 (128 MiB for V = 128256). Per-token results
-# do not depend on it (bit-equal on this CPU for 100, 256 and 512); 256 instead of 512 took 180 MiB off
-# the peak of SmolLM2's SFT step at no measured cost in speed (benchmarks/RESULTS.md).
+# do not depend on it (bit-equal on this CPU for 100, 256 and 512); 256 instead of 512 takes 44-85 MiB
+# off the peak of SmolLM2's steps for 1-4 % of speed (benchmarks/RESULTS.md, `--chunk-size`).
 DEFAULT_CHUNK_SIZE = 256
 _VOCAB_SLICE = 16384  # rows of W cast to the compute dtype at once when W is stored in another dtype
 
