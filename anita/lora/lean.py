@@ -11,13 +11,16 @@ its scaled copy, and in backward the scaled gradient — and A's node keeps its 
 
 `lora_delta` computes the same numbers with less of that work:
 
-    forward   h = scale · (x Aᵀ)        (N, R): the scale multiplies R columns, not O
+    forward   h = scale · (x Aᵀ)                              (N, R): the scale multiplies R columns, not O
               delta = (h Bᵀ).to(y's dtype)                    (N, O)
-    backward  g = grad.to(adapter dtype)                      (N, O), the one fp32 (N, O) tensor
+    backward  g = grad.to(compute dtype)                      (N, O), the one (N, O) cast
               grad_B = gᵀ h                                   (O, R)
               gh = scale · (g B)                              (N, R)
               grad_A = ghᵀ x                                  (R, I), x cast again, not kept in fp32
               grad_x = (gh A).to(x.dtype)                     (N, I)
+
+with every matmul in the compute dtype: the adapter's (fp32), or autocast's (bf16 under `anita sft
+--precision bf16`, as autocast runs the plain path's nn.Linear calls).
 
 It keeps only x as it came (bf16 in the recipe, one tensor for every projection that reads it) and
 h (N, R). Exactness: (scale·h)Bᵀ and scale·(hBᵀ) are the same product; they round alike when the
@@ -65,32 +68,28 @@ class _LoraDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, scale, dtype):
-        # x (.., I); a (R, I) and b (O, R) in the adapter's dtype
-        h = (x.to(a.dtype) @ a.T) * scale  # (.., R); not in place: selective checkpointing may keep the matmul's output
+        # x (.., I); a (R, I) and b (O, R) in the adapter's dtype; the matmuls in the adapter's dtype,
+        # or in autocast's (bf16 under `anita sft --precision bf16`), as autocast runs nn.Linear
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        h = (x.to(compute) @ a.to(compute).T) * scale  # (.., R); not in place: selective checkpointing may keep it
         ctx.save_for_backward(x, a, b, h)
         ctx.scale = scale
-        device = x.device.type  # backward runs under the forward's autocast, as autograd does for built-in ops
-        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        return (h @ b.T).to(dtype)  # (.., O)
+        return (h @ b.to(compute).T).to(dtype)  # (.., O)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            return _LoraDelta._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad):
         x, a, b, h = ctx.saved_tensors
+        compute = h.dtype  # the forward's matmul dtype
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        g = _rows(grad.to(a.dtype))  # (N, O)
+        g = _rows(grad.to(compute))  # (N, O)
         grad_b = (g.T @ _rows(h)).to(b.dtype) if need_b else None  # (O, R)
         grad_x = grad_a = None
         if need_x or need_a:
-            gh = (g @ b).mul_(ctx.scale)  # (N, R)
+            gh = (g @ b.to(compute)).mul_(ctx.scale)  # (N, R)
             if need_a:
-                grad_a = (gh.T @ _rows(x).to(a.dtype)).to(a.dtype)  # (R, I)
+                grad_a = (gh.T @ _rows(x).to(compute)).to(a.dtype)  # (R, I)
             if need_x:
-                grad_x = (gh @ a).to(x.dtype).view(x.shape)  # (.., I)
+                grad_x = (gh @ a.to(compute)).to(x.dtype).view(x.shape)  # (.., I)
         return grad_x, grad_a, grad_b, None, None
