@@ -4,8 +4,8 @@ fp32 and bf16 adapters, autocast) and through a whole QLoRA model with each chec
 what it keeps for backward.
 
 With a power-of-two scale (the recipe's SFT adapter: 8/16 = 0.5) the two paths round alike, so they
-are compared bit for bit; with rsLoRA's 6/√3 to fp32 rounding (the gradients of A and B sum over tokens, so a last-bit
-difference in a term can show as ~1e-5 relative).
+are compared bit for bit; with rsLoRA's 6/√3 to fp32 rounding (the gradients of A and B sum over
+tokens, so a last-bit difference in a term can show as ~1e-5 relative).
 """
 
 import pytest
