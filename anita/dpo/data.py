@@ -50,6 +50,7 @@ import torch
 
 from anita.errors import AnitaError
 from anita.jsonl import parse_object
+from anita.model.masks import Spans
 from anita.model.tokenizer import common_prefix_length
 from anita.sources import TokenStore, cached_store, open_source, parse_columns, rename, tokenizer_fingerprint
 from anita.sources.formats import preference_parts
@@ -322,23 +323,29 @@ def collate_shared(rows: list[list[int]], pairs: list[PreferencePair], pad_id: i
     """Rows of pair indices (into `pairs`) -> the shared-prompt batch, right-padded to the longest row.
 
     input_ids, position_ids, segment, branch, source [N, T] (N rows; segment: the pair's place
-    0..B-1 in `index`, -1 on padding; branch: PROMPT, CHOSEN, REJECTED); `index` [B], the pairs'
-    indices in their data set, in segment order; `num_tokens`, the real tokens.
+    0..B-1 in `index`, -1 on padding; branch: PROMPT, CHOSEN, REJECTED); `spans`, where each pair's
+    prompt, chosen and rejected answer lie (the attention the model computes, `anita.model.masks`);
+    `index` [B], the pairs' indices in their data set, in segment order; `num_tokens`, the real tokens.
     """
     index = [i for row in rows for i in row]
-    built, segment = [], 0
+    built, spans, segment = [], [], 0
     for row in rows:
-        parts = {}
+        parts, spans_row = {}, []
         for i in row:
-            part = shared_row(pairs[i], segment, len(parts.get("input_ids", ())))
+            start, pair = len(parts.get("input_ids", ())), pairs[i]
+            part = shared_row(pair, segment, start)
             parts = {k: parts.get(k, []) + v for k, v in part.items()}
+            prompt_end = start + len(pair.prompt_ids)  # then chosen, then rejected: anita.model.masks.Spans
+            spans_row.append((start, prompt_end, prompt_end + len(pair.chosen_ids), start + len(part["input_ids"])))
             segment += 1
         built.append(parts)
+        spans.append(tuple(spans_row))
     T = max(len(parts["input_ids"]) for parts in built)
     fill = {"input_ids": pad_id, "position_ids": 0, "segment": -1, "branch": -1, "source": -1}
     batch = {k: torch.tensor([parts[k] + [v] * (T - len(parts[k])) for parts in built], dtype=torch.long)
              for k, v in fill.items()}  # [N, T] each
-    return {**batch, "index": torch.tensor(index, dtype=torch.long), "num_tokens": (batch["segment"] >= 0).sum()}
+    return {**batch, "spans": Spans(tuple(spans)), "index": torch.tensor(index, dtype=torch.long),
+            "num_tokens": (batch["segment"] >= 0).sum()}
 
 
 def pair_lengths(pairs: PairView | list[PreferencePair], shared_prompt: bool) -> list[int]:

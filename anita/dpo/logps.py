@@ -30,7 +30,6 @@ from anita.model.logprobs import (
     sequence_logps,
     token_logps,
 )
-from anita.model.masks import Spans
 
 
 @dataclass
@@ -101,7 +100,7 @@ def shared_prompt_logps(model, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE
     ids, segment, branch, source = batch["input_ids"], batch["segment"], batch["branch"], batch["source"]  # [N, T]
     N, T = ids.shape
     B = batch["index"].shape[0]
-    hidden = model.hidden_states(ids, attention_mask=Spans.from_ids(segment, branch),  # no [N, T, T] mask
+    hidden = model.hidden_states(ids, attention_mask=batch["spans"],  # no [N, T, T] mask
                                  position_ids=batch["position_ids"])  # [N, T, D]
     scored = (source >= 0).reshape(-1).nonzero().squeeze(1)  # [M] flat index of each answer token
     predictor = scored.div(T, rounding_mode="floor") * T + source.reshape(-1)[scored]  # [M] flat index

@@ -67,32 +67,11 @@ class Spans:
     rows[b] holds one tuple per sequence of row b, in order: (start, shared_end, end_1, end_2, ...).
     [start, shared_end) is the shared part (a whole SFT example, a DPO pair's prompt); each branch
     [previous end, end_j) continues it (chosen, rejected). Sequences lie back to back from position
-    0; what follows the last is padding. Passed as `attention_mask`, spans stand for the mask
+    0; what follows the last is padding. The collates build them (`anita.train.data.collate`,
+    `anita.dpo.data.collate_shared`); passed as `attention_mask`, they stand for the mask
     `segment_mask` builds from the same rows (`mask` builds it: the plain path beside them)."""
 
     rows: tuple[tuple[tuple[int, ...], ...], ...]
-
-    @classmethod
-    def from_ids(cls, segment: torch.Tensor, branch: torch.Tensor | None = None) -> "Spans":
-        """From the (B, T) segment ids (-1 = padding, which must come last) and branch ids (None: all
-        0, packed SFT) that `segment_mask` reads."""
-        if branch is None:
-            branch = torch.zeros_like(segment)
-        rows = []
-        for seg, br in zip(segment.tolist(), branch.tolist()):
-            real = sum(s >= 0 for s in seg)
-            if any(s < 0 for s in seg[:real]):
-                raise ValueError("Spans: padding (segment -1) must come after every real token of a row")
-            row, t = [], 0
-            while t < real:
-                ends, start = [], t
-                while t < real and seg[t] == seg[start]:
-                    t += 1
-                    if t == real or seg[t] != seg[start] or br[t] != br[t - 1]:
-                        ends.append(t)  # the end of the shared part or of a branch
-                row.append((start, *ends))
-            rows.append(tuple(row))
-        return cls(tuple(rows))
 
     def to(self, *args, **kwargs) -> "Spans":
         """Itself: spans are plain integers, so moving a batch to a device (`v.to(device)` on each

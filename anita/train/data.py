@@ -285,21 +285,23 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, T), dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)  # which example of the row; -1 = padding
+    spans = []  # per row, the (start, end) of each example
     for b, row in enumerate(rows):
-        start = 0
-        for s, e in enumerate(row):
+        start, spans_b = 0, []
+        for e in row:
             end = start + len(e.input_ids)
             input_ids[b, start:end], labels[b, start:end] = e.input_ids, e.labels
             position_ids[b, start:end] = torch.arange(end - start)  # restarts per example
-            segment[b, start:end] = s
+            spans_b.append((start, end))
             start = end
+        spans.append(tuple(spans_b))
+    lengths = torch.tensor([row[-1][1] for row in spans])  # (B,) real tokens per row
     if max(len(row) for row in rows) == 1:
-        attention_mask = (segment >= 0).long()  # (B, T)
+        attention_mask = (torch.arange(T) < lengths[:, None]).long()  # (B, T) padding mask
     else:
-        attention_mask = Spans.from_ids(segment)  # packed rows: varlen attention, no mask
+        attention_mask = Spans(tuple(spans))  # packed rows: varlen attention, no mask
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": attention_mask, "num_tokens": torch.tensor(int((segment >= 0).sum()))}
+            "attention_mask": attention_mask, "num_tokens": lengths.sum()}
 
 
 LENGTH_GROUP_WINDOW = 256  # items sorted by length together (as HF's group_by_length sorts its "megabatches")

@@ -22,6 +22,7 @@ from anita.dpo.logps import concatenated_logps, shared_prompt_logps, two_row_log
 from anita.dpo.reference import AdaptersOff, FrozenAdapter, Precomputed, ReferenceFree, precompute_reference
 from anita.dpo.trainer import DPOSettings, dpo_step
 from anita.errors import AnitaError
+from anita.model.masks import Spans, segment_mask
 from anita.lora import LoraConfig, apply_lora, lora_parameters
 from tests.conftest import tiny_model
 from tests.train.conftest import byte_tokenizer, tiny_run_model, write_jsonl  # noqa: F401 (fixtures)
@@ -82,6 +83,8 @@ def test_collate_shared_lays_out_a_pair_as_written_by_hand():
     assert batch["segment"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 2, -1, -1, -1, -1]]
     assert batch["branch"].tolist() == [[P, P, C, C, R, P, C, R, R], [P, P, C, C, R, -1, -1, -1, -1]]
     assert batch["source"].tolist() == [[-1, -1, 1, 2, 1, -1, 5, 5, 7], [-1, -1, 1, 2, 1, -1, -1, -1, -1]]
+    assert batch["spans"] == Spans((((0, 2, 4, 5), (5, 6, 7, 9)), ((0, 2, 4, 5),)))  # prompt, chosen, rejected ends
+    assert torch.equal(batch["spans"].mask(9), segment_mask(batch["segment"], batch["branch"]))
     assert batch["index"].tolist() == [0, 1, 0] and batch["num_tokens"].item() == 14
     assert pair_lengths([a, b], shared_prompt=True) == [5, 4] and pair_lengths([a, b], shared_prompt=False) == [8, 6]
 

@@ -51,24 +51,17 @@ def test_attend_without_a_mask_is_causal_sdpa_with_gqa():
     assert torch.allclose(attend(q, k, v, mask), want, atol=1e-6)
 
 
-def test_spans_from_segments_and_their_mask():
+def test_spans_mask_is_the_segment_mask_of_the_same_rows():
+    """Packed SFT rows (two examples and padding; one example) and shared-prompt rows (a pair and
+    padding; two pairs), as `Spans` and as the segment / branch ids `segment_mask` reads."""
+    packed = Spans((((0, 3), (3, 5)), ((0, 6),)))
     segment = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
-    spans = Spans.from_ids(segment)
-    assert spans == Spans((((0, 3), (3, 5)), ((0, 6),)))
-    assert torch.equal(spans.mask(6), segment_mask(segment, torch.zeros_like(segment)))
-    assert spans.to("cpu") is spans  # a batch moved value by value keeps its spans
-
-
-def test_spans_of_shared_prompt_rows_and_their_mask():
-    """Pairs (prompt, chosen, rejected) as `collate_shared` numbers them: segment = the pair's place
-    in the batch, branch 0/1/2; the second row holds two pairs and no padding."""
+    assert torch.equal(packed.mask(6), segment_mask(segment, torch.zeros_like(segment)))
+    assert packed.to("cpu") is packed  # a batch moved value by value keeps its spans
+    shared = Spans((((0, 2, 4, 5),), ((0, 1, 2, 3), (3, 4, 5, 6))))
     segment = torch.tensor([[0, 0, 0, 0, 0, -1], [1, 1, 1, 2, 2, 2]])
     branch = torch.tensor([[0, 0, 1, 1, 2, -1], [0, 1, 2, 0, 1, 2]])
-    spans = Spans.from_ids(segment, branch)
-    assert spans == Spans((((0, 2, 4, 5),), ((0, 1, 2, 3), (3, 4, 5, 6))))
-    assert torch.equal(spans.mask(6), segment_mask(segment, branch))
-    with pytest.raises(ValueError, match="padding"):
-        Spans.from_ids(torch.tensor([[0, -1, 0]]))
+    assert torch.equal(shared.mask(6), segment_mask(segment, branch))
 
 
 @pytest.mark.parametrize("spans", [
