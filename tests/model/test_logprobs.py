@@ -291,6 +291,21 @@ def test_bad_inputs_raise_anita_error():
         next_token_labels(torch.zeros(2, 3, dtype=torch.long), torch.ones(3, 2))
 
 
+@pytest.mark.parametrize("head_dtype", [None, "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_size_does_not_change_log_probs_or_hidden_gradients(head_dtype, dtype):
+    """Why `chunk_size` may change on --resume (anita.train.config.RESUMABLE_CHANGES): each token's
+    log-prob and hidden gradient come out bit for bit the same whatever the chunks (the head's weight
+    is frozen in training, so its gradient, summed per chunk, is not needed)."""
+    hidden, weight, labels = _inputs(B=3, T=400, D=64, V=1000, seed=4, dtype=dtype)
+    results = []
+    for chunk_size in (100, 256, 512):
+        logps = token_logps(hidden, weight, labels, chunk_size=chunk_size, head_dtype=head_dtype)
+        results.append((logps, *torch.autograd.grad(logps.sum(), hidden)))
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
 @pytest.mark.parametrize("chunk_size", [3, 512])
 def test_low_precision_head_matches_its_plain_version(chunk_size):
     """head_dtype=bf16: the chunked head equals the plain definition with a bf16 matmul and an fp32
