@@ -1,6 +1,6 @@
 """A/B of one shortcut of anita's training step against the plain path beside it, in one process.
 
-    python benchmarks/ab_step.py --change lean|spans [--only sft,sft-recipe,dpo,dpo-recipe]
+    python benchmarks/ab_step.py --change lean|spans|keep-attention [--only sft,sft-recipe,dpo,dpo-recipe]
                                  [--checkpointing full] [--head-dtype bf16] [--steps 4]
 
 Builds exactly the step `run.py` times (`anita_side.py`, same workload), then alternates the two
@@ -11,6 +11,8 @@ alike instead of one run. The changes:
 - lean: `LoraLinear.lean` on (anita/lora/lean.py) or off (PEFT's five-node update, base first);
 - spans: packed and shared-prompt rows attend per sequence (`Spans`, `attend_spans`) or through
   the (T, T) mask those spans stand for (`Spans.mask`, the plain path).
+- keep-attention: full checkpointing keeps attention's outputs instead of recomputing them (a
+  probe, not an anita option: `set_keep_attention`).
 
 Peak memory is not compared here (one process holds both); `run.py` measures it per process.
 """
@@ -61,7 +63,28 @@ def set_spans(on: bool) -> None:
     Llama.hidden_states = plain if on else through_mask
 
 
-CHANGES = {"lean": set_lean, "spans": set_spans}
+def set_keep_attention(on: bool) -> None:
+    """Full checkpointing keeps attention's outputs (torch's selective policy, attention ops only)
+    instead of rerunning SDPA's forward in backward (a probe: benchmarks/RESULTS.md, third pass)."""
+    import anita.model.llama as llama
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    plain = getattr(llama, "_ab_plain_checkpoint_block", llama.checkpoint_block)
+    llama._ab_plain_checkpoint_block = plain
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in llama._ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def keep_attention(block, mode, x, cos, sin, mask):
+        if mode != "full":
+            return plain(block, mode, x, cos, sin, mask)
+        return checkpoint(block, x, cos, sin, mask, use_reentrant=False,
+                          context_fn=lambda: create_selective_checkpoint_contexts(policy))
+
+    llama.checkpoint_block = keep_attention if on else plain
+
+
+CHANGES = {"lean": set_lean, "spans": set_spans, "keep-attention": set_keep_attention}
 
 
 def ab(bench: str, w, change: str, steps: int) -> dict[str, float]:

@@ -72,7 +72,7 @@ def qlora_model(path, w: Workload):
                                   quantize_kwargs={"compute_dtype": dtype})
     model.checkpointing = w.checkpointing  # off, full or selective
     model.head_dtype = None if w.head_dtype == "fp32" else torch_dtype(w.head_dtype)
-    apply_lora(model, LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=LORA_TARGETS))
+    apply_lora(model, LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=LORA_TARGETS, dtype=w.adapter_dtype))
     set_fused_projections(model, w.fused)
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)

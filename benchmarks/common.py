@@ -56,6 +56,9 @@ class Workload:
     checkpointing: str = "full"  # "full", "selective" or "off" (HF: gradient checkpointing on for full/selective)
     head_dtype: str = "fp32"  # anita's loss head matmuls: "fp32" or "bf16" (TRL's fused head is bf16 either way)
     fused: bool = False  # anita: fused frozen q/k/v and gate/up matmuls
+    # LoRA A and B: "float32" (anita's default; PEFT's autocast_adapter_dtype) or "bfloat16" (the QLoRA
+    # paper's and TRL's trainers': SFTTrainer and DPOTrainer cast a quantized model's adapters to bf16)
+    adapter_dtype: str = "float32"
     # dpo-recipe: the DPO recipe's shape (anita/recipes/anita_2_dpo.toml): prompts ~400 tokens, answers
     # 70-150, rows right-padded to the longest, at most max_length tokens
     recipe_prompt: tuple[int, int] = (350, 450)

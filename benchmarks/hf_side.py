@@ -76,8 +76,12 @@ def qlora_model(path, w: Workload):
     add_fused_lm_head(model)  # before PEFT wraps the model, as the trainers do
     model = get_peft_model(model, LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha, lora_dropout=0.0,
                                              target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
-    # PEFT keeps the adapters in fp32 (autocast_adapter_dtype=True), as anita does; TRL's trainers
-    # would cast QLoRA adapters to bf16, which we leave out so both sides train the same fp32 adapters.
+    # PEFT keeps the adapters in fp32 (autocast_adapter_dtype=True), as anita does by default. TRL's
+    # SFTTrainer and DPOTrainer then cast a quantized model's trainable parameters to bf16 (the QLoRA
+    # paper's choice); `w.adapter_dtype` picks either, the same on both sides.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch_dtype(w.adapter_dtype))
     if w.checkpointing != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -206,6 +206,8 @@ def main(argv=None) -> int:
                    help="anita's DPO batch layout (default shared, as `anita dpo`; two-row is TRL's)")
     p.add_argument("--sft-layout", dest="sft_layout", choices=("packed", "padded"),
                    help="anita's sft-recipe batch layout (default packed: one padding-free row; padded is TRL's)")
+    p.add_argument("--adapter-dtype", dest="adapter_dtype", choices=("float32", "bfloat16"),
+                   help="LoRA weights on both sides (default float32; bfloat16 is TRL's trainers' for QLoRA)")
     p.add_argument("--chunk-size", dest="chunk_size", type=int, help="anita's output head: tokens per chunk (default 256)")
     p.add_argument("--worker", nargs=2, metavar=("SYSTEM", "JOB"), help=argparse.SUPPRESS)
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
 
     w = default_workload(args.device, args.quick)
     for name in ("repeats", "model", "train_dtype", "head_dtype", "fused", "batch", "seq_len", "dpo_layout",
-                 "sft_layout", "chunk_size"):
+                 "sft_layout", "chunk_size", "adapter_dtype"):
         if getattr(args, name) is not None:
             setattr(w, name, getattr(args, name))
     benches = [b for b in args.only.split(",") if b]

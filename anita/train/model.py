@@ -25,7 +25,7 @@ from anita.train.distributed import DistInfo
 def lora_config(cfg: TrainConfig) -> LoraConfig:
     targets = "all-linear" if cfg.targets == ["all-linear"] else tuple(cfg.targets)
     return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-                      use_rslora=cfg.rslora)
+                      use_rslora=cfg.rslora, dtype=PRECISIONS[cfg.adapter_dtype])
 
 
 def check_model_fits(cfg: TrainConfig) -> None:
@@ -60,7 +60,10 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo):
     model.checkpointing = checkpoint_mode(cfg)
     model.head_dtype = None if cfg.head_dtype == "fp32" else PRECISIONS[cfg.head_dtype]
     torch.manual_seed(cfg.seed)
-    report = load_adapter(model, cfg.adapter) if cfg.adapter else apply_lora(model, lora_config(cfg))
+    if cfg.adapter:
+        report = load_adapter(model, cfg.adapter, PRECISIONS[cfg.adapter_dtype])
+    else:
+        report = apply_lora(model, lora_config(cfg))
     set_fused_projections(model, cfg.fused_projections)
     return model, report
 

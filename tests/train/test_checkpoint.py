@@ -78,6 +78,27 @@ def test_output_dir_holding_a_run_is_not_clobbered(tmp_path):
         prepare_run_dir(cfg, tmp_path / "other", resume=True, info=DistInfo())
 
 
+def test_a_run_with_bf16_adapters_exports_them_and_its_adapter_dtype_cannot_change_on_resume(tmp_path, tiny_run_model,
+                                                                                             capsys):
+    """`anita sft --adapter-dtype bf16` (TRL's QLoRA adapters) trains, checkpoints and exports a bf16
+    PEFT adapter; resuming it in fp32 would restart the optimizer's state in another dtype, so it is
+    one error line and the run is left as it was."""
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
+    out = tmp_path / "run"
+    args = sft_args(tiny_run_model, data, out, "--adapter-dtype", "bf16")  # with bitsandbytes' AdamW 8-bit
+    args[args.index("--max-steps") + 1] = "4"
+    assert main(args) == 0
+    exported = adapter(out)
+    assert exported and all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in exported.values())
+    assert any(t.abs().sum() > 0 for k, t in exported.items() if "lora_B" in k)  # trained: B left 0
+    capsys.readouterr()
+    args[args.index("--adapter-dtype") + 1] = "fp32"
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_dtype: 'bf16' -> 'fp32'" in err and len(err.strip().splitlines()) == 1
+    assert same_tensors(adapter(out), exported)
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_that_stopped_before_its_first_checkpoint_is_not_a_run(tmp_path, resume, capsys):
     """run.json, metrics.jsonl and an empty or half-written checkpoints/ without one complete
