@@ -85,8 +85,9 @@ class TrainConfig:
     lora_dropout: float = flag(0.0, "dropout on the LoRA input of a fresh adapter")
     rslora: bool = flag(False, "rank-stabilised LoRA scale alpha/sqrt(r) for a fresh adapter")
     targets: list[str] = flag(list(PROJECTIONS), "comma-separated module names a fresh adapter adapts, or all-linear")
-    adapter_dtype: str = flag("fp32", "dtype of the LoRA weights, their gradients and AdamW's state: fp32, or bf16 "
-                                      "(the QLoRA paper's; TRL's trainers cast a 4-bit model's adapters to bf16)",
+    adapter_dtype: str = flag("fp32", "dtype of the LoRA weights and their gradients (and of --optimizer adamw's "
+                                      "moments): fp32, or bf16 (the QLoRA paper's; TRL's trainers cast a 4-bit "
+                                      "model's adapters to bf16)",
                               choices=["fp32", "bf16"])
     precision: str = flag("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; many CPUs are slow at bf16)",
                           choices=list(PRECISIONS))
