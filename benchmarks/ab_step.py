@@ -1,18 +1,21 @@
 """A/B of one shortcut of anita's training step against the plain path beside it, in one process.
 
-    python benchmarks/ab_step.py --change lean|spans|keep-attention [--only sft,sft-recipe,dpo,dpo-recipe]
-                                 [--checkpointing full] [--head-dtype bf16] [--steps 4]
+    python benchmarks/ab_step.py --change lean|spans|keep-attention|defaults
+                                 [--only sft,sft-recipe,dpo,dpo-recipe,sft-demo] [--checkpointing full]
+                                 [--head-dtype bf16] [--threads 1] [--clock cpu|wall] [--steps 4]
 
-Builds exactly the step `run.py` times (`anita_side.py`, same workload), then alternates the two
-paths step by step (A, B, A, B, ...) after one warm-up step of each, and prints the median of each
-by process CPU time (1 thread by default): a neighbour's job on a shared machine slows both paths
-alike instead of one run. The changes:
+Builds exactly the step `run.py` times (`anita_side.py`, same workload), or `sft-demo`, the SFT step
+of `anita demo` (`sft_demo_step`), then alternates the two paths step by step (A, B, A, B, ...) after
+one warm-up step of each, and prints the median of each by process CPU time (1 thread by default):
+a neighbour's job on a shared machine slows both paths alike instead of one run. The changes:
 
 - lean: `LoraLinear.lean` on (anita/lora/lean.py) or off (PEFT's five-node update, base first);
 - spans: packed and shared-prompt rows attend per sequence (`Spans`, `attend_spans`) or through
   the (T, T) mask those spans stand for (`Spans.mask`, the plain path).
 - keep-attention: full checkpointing keeps attention's outputs instead of recomputing them (a
   probe, not an anita option: `set_keep_attention`).
+- defaults: the lean update, spans and head chunks of 256 together, against the plain update, the
+  mask and chunks of 512 (`set_defaults`).
 
 Peak memory is not compared here (one process holds both); `run.py` measures it per process.
 """
@@ -37,7 +40,7 @@ from benchmarks.common import default_workload, model_dir  # noqa: E402
 TRAIN_BENCHES = ("sft", "sft-recipe", "dpo", "dpo-recipe")
 
 
-def set_lean(on: bool) -> None:
+def set_lean(on: bool, w=None) -> None:
     """Every LoRA layer built so far takes the lean update (on) or the plain one."""
     import gc
 
@@ -47,7 +50,7 @@ def set_lean(on: bool) -> None:
         layer.lean = on
 
 
-def set_spans(on: bool) -> None:
+def set_spans(on: bool, w=None) -> None:
     """`Llama.hidden_states` attends through the Spans it is given (on) or through their mask."""
     from anita.model.llama import Llama
     from anita.model.masks import Spans
@@ -63,7 +66,7 @@ def set_spans(on: bool) -> None:
     Llama.hidden_states = plain if on else through_mask
 
 
-def set_keep_attention(on: bool) -> None:
+def set_keep_attention(on: bool, w=None) -> None:
     """Full checkpointing keeps attention's outputs (torch's selective policy, attention ops only)
     instead of rerunning SDPA's forward in backward (a probe: benchmarks/RESULTS.md, third pass)."""
     import anita.model.llama as llama
@@ -84,22 +87,62 @@ def set_keep_attention(on: bool) -> None:
     llama.checkpoint_block = keep_attention if on else plain
 
 
-CHANGES = {"lean": set_lean, "spans": set_spans, "keep-attention": set_keep_attention}
+def set_defaults(on: bool, w) -> None:
+    """The three defaults of issue 14's second pass together (lean update, spans, head chunks of 256)
+    against the paths before them (plain update, the (T, T) mask, chunks of 512)."""
+    set_lean(on)
+    set_spans(on)
+    w.chunk_size = 256 if on else 512
 
 
-def ab(bench: str, w, change: str, steps: int) -> dict[str, float]:
-    step, _ = getattr(anita_side, f"{bench.replace('-', '_')}_step")(model_dir(w), w)
+CHANGES = {"lean": set_lean, "spans": set_spans, "keep-attention": set_keep_attention, "defaults": set_defaults}
+
+
+def sft_demo_step(path, w):
+    """The SFT stage of `anita demo` (anita/demo.py `stage_sft`): SmolLM2 in NF4, LoRA r16, bf16
+    autocast, no checkpointing, the shipped Italian conversations packed into 4 rows of at most 256
+    tokens, the fp32 head; forward and backward of its first micro-batch, the head's chunk size read
+    from `w` at each step. No optimizer step, so every step sees the same weights."""
+    from anita.assets import smollm2_dir
+    from anita.data import data_path
+    from anita.model import Tokenizer
+    from anita.train.config import TrainConfig
+    from anita.train.distributed import DistInfo
+    from anita.train.loop import autocast
+    from anita.train.loss import sft_loss
+    from anita.train.model import load_trainable_model
+    from anita.train.sft import load_data
+
+    cfg = TrainConfig(model=str(smollm2_dir()), data=str(data_path("sft_train")), output="unused", lora_r=16,
+                      lora_alpha=8.0, packing=True, precision="bf16", gradient_checkpointing=False, batch_size=4,
+                      max_length=256).validate()
+    data, _ = load_data(cfg.data, Tokenizer.from_pretrained(cfg.model), cfg, shuffle=True)
+    batch = data[0]
+    model, _ = load_trainable_model(cfg, DistInfo())
+
+    def step():
+        with autocast(cfg, torch.device("cpu")):
+            loss_sum, count, _ = sft_loss(model, batch, chunk_size=w.chunk_size)
+        (loss_sum / count).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step, {}
+
+
+def ab(bench: str, w, change: str, steps: int, clock=time.process_time) -> dict[str, float]:
+    make = sft_demo_step if bench == "sft-demo" else getattr(anita_side, f"{bench.replace('-', '_')}_step")
+    step, _ = make(model_dir(w), w)
     toggle, times = CHANGES[change], {True: [], False: []}
     for on in (True, False):  # warm-up of each path
-        toggle(on)
+        toggle(on, w)
         step()
     for _ in range(steps):
         for on in (True, False):
-            toggle(on)
-            start = time.process_time()
+            toggle(on, w)
+            start = clock()
             step()
-            times[on].append(time.process_time() - start)
-    toggle(True)
+            times[on].append(clock() - start)
+    toggle(True, w)
     return {"shortcut_s": statistics.median(times[True]), "plain_s": statistics.median(times[False])}
 
 
@@ -111,14 +154,17 @@ def main(argv=None) -> int:
     p.add_argument("--head-dtype", dest="head_dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="timed steps of each path")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="process CPU time (default; all threads summed) or wall time")
     args = p.parse_args(argv)
     w = default_workload("cpu", quick=False)
     w.checkpointing, w.head_dtype, w.threads = args.checkpointing, args.head_dtype, args.threads
     torch.set_num_threads(w.threads)
     print(f"| workload | plain s/step | {args.change} s/step | speed-up |\n|---|---:|---:|---:|")
     for bench in args.only.split(","):
-        r = ab(bench, w, args.change, args.steps)
-        print(f"| {bench}, ckpt={w.checkpointing} | {r['plain_s']:.2f} | {r['shortcut_s']:.2f} | "
+        r = ab(bench, w, args.change, args.steps, time.process_time if args.clock == "cpu" else time.perf_counter)
+        setting = "the demo's: bf16 autocast, ckpt=off, fp32 head" if bench == "sft-demo" else f"ckpt={w.checkpointing}"
+        print(f"| {bench}, {setting} | {r['plain_s']:.2f} | {r['shortcut_s']:.2f} | "
               f"{r['plain_s'] / r['shortcut_s']:.2f}× |", flush=True)
     return 0
 
