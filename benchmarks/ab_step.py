@@ -15,7 +15,7 @@ a neighbour's job on a shared machine slows both paths alike instead of one run.
 - keep-attention: full checkpointing keeps attention's outputs instead of recomputing them (a
   probe, not an anita option: `set_keep_attention`).
 - defaults: the lean update, spans and head chunks of 256 together, against the plain update, the
-  mask and chunks of 512 (`set_defaults`).
+  mask and chunks of 512 (`set_defaults`; `sft-demo` only).
 
 Peak memory is not compared here (one process holds both); `run.py` measures it per process.
 """
@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="process CPU time (default; all threads summed) or wall time")
     args = p.parse_args(argv)
+    if args.change == "defaults" and args.only != "sft-demo":
+        p.error("--change defaults: only with --only sft-demo (the other steps fix their head chunk when built)")
     w = default_workload("cpu", quick=False)
     w.checkpointing, w.head_dtype, w.threads = args.checkpointing, args.head_dtype, args.threads
     torch.set_num_threads(w.threads)
