@@ -237,6 +237,20 @@ def test_dpo_cli_learns_a_separable_preference(tmp_path, tiny_run_model):
         assert (tmp_path / "run" / name).is_file(), name
 
 
+def test_dpo_cli_trains_bf16_adapters(tmp_path, tiny_run_model):
+    """`anita dpo --adapter-dtype bf16` (TRL's DPOTrainer casts a 4-bit model's adapters to bf16):
+    the loss starts at ln 2 and falls, and the exported adapter is bf16."""
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(8))
+    records = run_cli(tmp_path, tiny_run_model, "run", "--adapter-dtype", "bf16", "--beta", "1", "--max-steps", "6",
+                      "--lr", "0.02", "--warmup-ratio", "0")
+    train = [r for r in records if "loss" in r]
+    assert train[0]["loss"] == LN2 and train[-1]["loss"] < 0.5
+    tensors = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
+
+
 def test_three_reference_modes_agree_at_step_zero_from_the_cli(tmp_path, tiny_run_model, capsys):
     """adapters-off and precomputed (fresh adapter), and with an SFT adapter: adapter and
     precomputed. Each first step logs loss ln 2 and rewards 0; a second precomputed run reads
