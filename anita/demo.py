@@ -137,12 +137,16 @@ def common_settings(plan: Plan, device: str, steps: int) -> dict:
                 progress=False)
 
 
+def sft_config(model: str, out: Path, plan: Plan, device: str) -> TrainConfig:
+    """Stage 1's settings (also what benchmarks/ab_step.py times as the demo's SFT step)."""
+    return TrainConfig(model=model, data=dataset("sft_train", plan, out.parent),
+                       eval_data=dataset("sft_heldout", plan, out.parent), output=str(out), lora_r=16, lora_alpha=8.0,
+                       lr=plan.sft_lr, packing=True, **common_settings(plan, device, plan.sft_steps))
+
+
 def stage_sft(model: str, out: Path, plan: Plan, device: str) -> list[dict]:
     """Stage 1: QLoRA SFT on Italian conversations (the recipe's r=16, alpha=8 on all projections)."""
-    cfg = TrainConfig(model=model, data=dataset("sft_train", plan, out.parent),
-                      eval_data=dataset("sft_heldout", plan, out.parent), output=str(out), lora_r=16, lora_alpha=8.0, lr=plan.sft_lr, packing=True,
-                      **common_settings(plan, device, plan.sft_steps))
-    return run_sft(cfg)
+    return run_sft(sft_config(model, out, plan, device))
 
 
 def stage_dpo(model: str, adapter: Path, out: Path, plan: Plan, device: str) -> list[dict]:

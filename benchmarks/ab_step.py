@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from anita.model.logprobs import DEFAULT_CHUNK_SIZE  # noqa: E402
 from benchmarks import anita_side  # noqa: E402
 from benchmarks.common import default_workload, model_dir  # noqa: E402
 
@@ -92,31 +93,31 @@ def set_defaults(on: bool, w) -> None:
     against the paths before them (plain update, the (T, T) mask, chunks of 512)."""
     set_lean(on)
     set_spans(on)
-    w.chunk_size = 256 if on else 512
+    w.chunk_size = DEFAULT_CHUNK_SIZE if on else 512
 
 
 CHANGES = {"lean": set_lean, "spans": set_spans, "keep-attention": set_keep_attention, "defaults": set_defaults}
 
 
 def sft_demo_step(path, w):
-    """The SFT stage of `anita demo` (anita/demo.py `stage_sft`): SmolLM2 in NF4, LoRA r16, bf16
-    autocast, no checkpointing, the shipped Italian conversations packed into 4 rows of at most 256
-    tokens, the fp32 head; forward and backward of its first micro-batch, the head's chunk size read
-    from `w` at each step. No optimizer step, so every step sees the same weights."""
+    """The SFT stage of `anita demo` (its settings: `anita.demo.sft_config`, the shipped Italian
+    conversations packed into rows of at most 256 tokens, bf16 autocast, no checkpointing, the fp32
+    head): forward and backward of its first micro-batch, the head's chunk size read from `w` at each
+    step. No optimizer step, so every step sees the same weights."""
+    import tempfile
+
     from anita.assets import smollm2_dir
-    from anita.data import data_path
+    from anita.demo import Plan, sft_config
     from anita.model import Tokenizer
-    from anita.train.config import TrainConfig
     from anita.train.distributed import DistInfo
     from anita.train.loop import autocast
     from anita.train.loss import sft_loss
     from anita.train.model import load_trainable_model
     from anita.train.sft import load_data
 
-    cfg = TrainConfig(model=str(smollm2_dir()), data=str(data_path("sft_train")), output="unused", lora_r=16,
-                      lora_alpha=8.0, packing=True, precision="bf16", gradient_checkpointing=False, batch_size=4,
-                      max_length=256).validate()
-    data, _ = load_data(cfg.data, Tokenizer.from_pretrained(cfg.model), cfg, shuffle=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the demo writes its held-out subset beside the run
+        cfg = sft_config(str(smollm2_dir()), Path(tmp) / "1-sft", Plan(), "cpu").validate()
+        data, _ = load_data(cfg.data, Tokenizer.from_pretrained(cfg.model), cfg, shuffle=True)
     batch = data[0]
     model, _ = load_trainable_model(cfg, DistInfo())
 

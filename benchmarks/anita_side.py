@@ -115,7 +115,7 @@ def sft_recipe_step(path, w: Workload):
         rows = pack_rows(lengths, order, w.recipe_max_length, packing=False)  # one row each
     else:
         raise ValueError(f"unknown sft_layout {w.sft_layout!r}: expected packed or padded")
-    batch = collate([[examples[i] for i in row] for row in rows], pad_id=0)  # (rows, T) [+ (rows, T, T) mask]
+    batch = collate([[examples[i] for i in row] for row in rows], pad_id=0)  # (rows, T); packed: the row's Spans
     info = {"num_tokens": int(batch.pop("num_tokens")), "mean_len": sum(lengths) / len(lengths)}
     batch = {k: v.to(w.device) for k, v in batch.items()}
     return sft_train_step(model, opt, batch, info, w.chunk_size), info

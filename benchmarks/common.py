@@ -30,6 +30,7 @@ import torch
 
 from anita.dtypes import parse_dtype
 from anita.model.llama import PROJECTIONS
+from anita.model.logprobs import DEFAULT_CHUNK_SIZE
 
 LORA_TARGETS = PROJECTIONS  # the seven projections LoRA wraps in the recipe (docs/recipe.md)
 BENCHES = ("forward", "decode", "sft", "sft-recipe", "dpo", "dpo-recipe")
@@ -71,7 +72,7 @@ class Workload:
     # anita's SFT batch layout (anita.train.data): "packed" = the B examples in one padding-free row
     # (`anita sft --packing --max-tokens`), "padded" = one right-padded row each (anita sft's default)
     sft_layout: str = "packed"
-    chunk_size: int = 256  # anita's output head: tokens per chunk (anita.model.logprobs.DEFAULT_CHUNK_SIZE)
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # anita's output head: tokens per chunk
     # anita's DPO batch layout (anita.dpo.data): "shared" = one row [prompt; chosen; rejected] per pair
     # (anita dpo's default), "packed" = all B pairs in one padding-free row, "two-row" = TRL's layout.
     # tok/s counts the two-row tokens (2·B·T) on every layout, so the ratio compares pairs per second.

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from anita.model.logprobs import DEFAULT_CHUNK_SIZE  # noqa: E402
 from benchmarks.common import (BENCHES, SYSTEMS, Workload, default_workload, step_flops_per_token)  # noqa: E402
 
 # (benchmark, metric) -> (target ratio anita/HF, "min" = at least, "max" = at most)
@@ -120,7 +121,8 @@ def job_label(job: str, w: Workload) -> str:
              "sft-recipe": f"P~{w.sft_prompt[0]}-{w.sft_prompt[1]} A~{w.sft_answer[0]}-{w.sft_answer[1]}"
              }.get(bench, f"T={w.seq_len}")
     extra = "".join([", head bf16" if w.head_dtype != "fp32" else "", ", fused" if w.fused else "",
-                     f", chunk {w.chunk_size}" if w.chunk_size != 256 else ""])
+                     f", chunk {w.chunk_size}" if w.chunk_size != DEFAULT_CHUNK_SIZE else "",
+                     ", adapters bf16" if w.adapter_dtype == "bfloat16" else ""])
     return (f"{what} {w.train_dtype}, B={w.batch} {shape}, r={w.lora_r}, ckpt={w.checkpointing}, "
             f"{w.threads} thr{extra}")
 
