@@ -4,7 +4,10 @@
   or fp16; LoRA matrices are fp32 or bf16 (fp16 adapters overflow in training).
 - The numerically sensitive steps (RMSNorm, softmax, log-softmax, the losses) run in fp32 whatever
   their inputs are, or in fp64 when an input is fp64 (for gradcheck).
-- A training run's `--precision` is fp32, or bf16 autocast over fp32 master weights.
+- A training run's `--precision` is fp32, or bf16 autocast over fp32 master weights. A bare command
+  takes bf16 where the device computes it natively (`bf16_native`), as TRL trains, with the output
+  head's matmuls in bf16 and, over an NF4 base, bf16 adapters (`training_dtypes`); `--precision fp32`
+  is the exact reference mode: everything in fp32.
 Anything else raises `AnitaError`; nothing is guessed.
 """
 
@@ -22,6 +25,41 @@ ADAPTER_DTYPES = (torch.float32, torch.bfloat16)
 MATH_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the losses accept
 WEIGHT_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the CLI's --dtype choices
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a training run's --precision
+
+
+def bf16_native(device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU of compute capability 8.0 or later (Ampere:
+    A100, RTX 30xx, H100, ...; not through emulation), or a CPU whose oneDNN has bf16 kernels (AVX-512
+    or AMX). Elsewhere torch still runs bf16, emulated and slowly (a CPU with AVX2 only, a V100 or T4)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def training_dtypes(device, qlora: bool, precision: str | None = None, head_dtype: str | None = None,
+                    adapter_dtype: str | None = None) -> tuple[str, str, str]:
+    """(precision, head_dtype, adapter_dtype) of a training run, each "fp32" or "bf16": the ones given,
+    and for those left None what a TRL user gets. precision: bf16 where `device` computes it natively,
+    else fp32. head_dtype: the precision's (HF runs lm_head under autocast; the log-softmax stays fp32).
+    adapter_dtype: bf16 over an NF4 base in bf16 (TRL casts a quantized model's LoRA weights to bf16,
+    as the QLoRA paper does), else fp32. So `--precision fp32` alone makes every one fp32."""
+    precision = precision or ("bf16" if bf16_native(device) else "fp32")
+    head_dtype = head_dtype or precision
+    adapter_dtype = adapter_dtype or ("bf16" if qlora and precision == "bf16" else "fp32")
+    return precision, head_dtype, adapter_dtype
+
+
+def check_bf16_device(device, what: str) -> None:
+    """AnitaError for bf16 on a GPU that has none (compute capability below 8.0, e.g. V100, T4), where
+    torch would emulate it many times slower. CPUs run it everywhere (natively with AVX-512/AMX), and an
+    unavailable GPU is left to `anita.runtime.parse_device`'s error."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and not bf16_native(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise AnitaError(f"{what}: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no "
+                         "bf16 (it needs 8.0 or later); use --precision fp32")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

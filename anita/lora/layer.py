@@ -158,6 +158,8 @@ class LoraLinear(nn.Module):
         if not self.disabled and lean.applies(self):
             # The update first, then the base: see `anita.lora.lean` on checkpointing's early stop.
             delta = lean.lora_delta(x, self, x.dtype)  # (B, T, O)
+            if isinstance(self.base_layer, Linear4bit):
+                return self.base_layer(x, add=delta)  # on CUDA the base GEMM adds it in (anita.quant.matmul)
             y = self.base_layer(x)
             return y + delta.to(y.dtype)  # a cast only under autocast, where a dense base computes in bf16
         return self.add_adapter(x, self.base_layer(x))  # (B, T, O)

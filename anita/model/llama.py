@@ -28,6 +28,7 @@ from anita.errors import AnitaError
 from anita.model.config import LlamaConfig
 from anita.model.fused import can_fuse, fused_projections
 from anita.model.masks import Spans
+from anita.model.varlen import attend_varlen, flash_applies
 
 # The seven projections of a block, by their HF names (docs/recipe.md: "q, k, v, o, gate, up, down").
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -147,7 +148,11 @@ def attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans
 
     The scores cost Σ (P + C)² / 2 + R·(P + R) per row instead of the (P + C + R)² a masked kernel
     computes. q (B, H, T, E), k and v (B, K, T, E) -> (B, H, T, E).
+
+    On CUDA in bf16/fp16 the same attention is one FlashAttention varlen call (`anita.model.varlen`).
     """
+    if flash_applies(q):
+        return attend_varlen(q, k, v, spans)
     B, H, T, E = q.shape
     rows = []
     for b, row in enumerate(spans.rows):
@@ -271,6 +276,7 @@ _ATTENTION = {getattr(torch.ops.aten, name).default for name in (
     if hasattr(torch.ops.aten, name)}
 # bitsandbytes' fused dequantize + GEMM (its CPU path for 4-bit weights), matched by name: no import.
 _NF4_MATMULS = {"bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit"}
+_VARLEN = {"torch_attn::_varlen_attn"}  # FlashAttention's varlen op on CUDA (`anita.model.varlen`), by name
 
 
 def keep_projections(min_inner: int):
@@ -279,7 +285,7 @@ def keep_projections(min_inner: int):
     cheap element-wise work (RMSNorm, RoPE, SiLU·up, casts, residual adds, the NF4 dequantization)
     and LoRA's rank-R second matmul (R ≪ D: 2·R FLOPs per element, cheaper than keeping it)."""
     def policy(ctx, op, *args, **kwargs):
-        if op in _ATTENTION or op.name() in _NF4_MATMULS:
+        if op in _ATTENTION or op.name() in _NF4_MATMULS | _VARLEN:
             return CheckpointPolicy.MUST_SAVE
         if op in _MATMULS and (args[1] if op is torch.ops.aten.addmm.default else args[0]).shape[-1] >= min_inner:
             return CheckpointPolicy.MUST_SAVE

@@ -3,8 +3,9 @@
 The weight (O, I) is stored as NF4 codes plus their block scales (see `anita.quant.nf4`) in
 buffers — never parameters, so it gets no gradient and no optimizer state; gradients flow to
 the input only. Forward computes in `compute_dtype` (bf16 in the recipe) either through
-bitsandbytes' `matmul_4bit` (`backend="bnb"`, CPU and CUDA) or by dequantizing in plain PyTorch
-and calling `F.linear` (`backend="torch"`, the fallback where bitsandbytes is missing).
+bitsandbytes (`backend="bnb"`: its `matmul_4bit` on CPU; on CUDA its dequantization into a reused
+buffer and cuBLAS, `anita.quant.matmul`) or by dequantizing in plain PyTorch and calling `F.linear`
+(`backend="torch"`, the fallback where bitsandbytes is missing).
 Modelled on bitsandbytes' `nn.Linear4bit` and torchtune's `FrozenNF4Linear`.
 
 A `Linear4bit` holds `weight`, the packed codes (a buffer, so it moves with the model), and
@@ -29,6 +30,7 @@ from torch import nn
 
 from anita.dtypes import WEIGHT_DTYPES, parse_dtype
 from anita.errors import AnitaError
+from anita.quant.matmul import nf4_matmul
 from anita.quant.nf4 import BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
 
 BACKENDS = ("bnb", "torch")
@@ -144,16 +146,21 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.weight, self.state, dtype or self.compute_dtype)
 
     # ---------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x Wᵀ (.., I) -> (.., O), plus `add` (.., O) when given (LoRA's update: `anita.lora.lean`)."""
         self._check_loaded()
         if x.shape[-1] != self.in_features:
             raise AnitaError(f"Linear4bit: input has {x.shape[-1]} features in its last dim, expected {self.in_features}")
         x_c = x.to(self.compute_dtype)
+        if x.is_cuda and self.backend == "bnb":  # bnb's CUDA dequantize into a reused buffer + cuBLAS, c + x Wᵀ in one
+            add_c = add.to(self.compute_dtype) if add is not None else None
+            return nf4_matmul(x_c, self, add_c).to(x.dtype)
         if self.backend == "torch":
             y = F.linear(x_c, self.dequantize())  # (..., I) @ (I, O) -> (..., O)
         else:
             y = self._bnb_matmul(x_c)  # (..., O)
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        return y if add is None else y + add.to(y.dtype)
 
     def _bnb_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Wᵀ through bitsandbytes' `matmul_4bit` (dequantize + matmul; gradients to x)."""
@@ -173,6 +180,14 @@ class Linear4bit(nn.Module):
             return self.dequantize()  # (bitsandbytes' CPU kernel is wrong there: see `_bnb_matmul`)
         bnbf = import_bitsandbytes().functional
         return bnbf.dequantize_4bit(self.weight, bnb_quant_state(self.state, self.compute_dtype))
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The weight (O, I) written into `out` (compute dtype, on the weight's device): bitsandbytes' CUDA
+        kernel writes it in place there (`anita.quant.matmul`'s reused buffer); elsewhere a copy."""
+        if out.is_cuda and self.backend == "bnb":
+            bnbf = import_bitsandbytes().functional
+            return bnbf.dequantize_4bit(self.weight, bnb_quant_state(self.state, out.dtype), out=out)
+        return out.copy_(self.dequantize_for_matmul())
 
     # ------------------------------------------------------------- moving, saving, loading
     def _apply(self, fn, recurse=True):

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from anita.arguments import finite_float
-from anita.dtypes import PRECISIONS
+from anita.dtypes import PRECISIONS, check_bf16_device, training_dtypes
 from anita.errors import AnitaError, check_number
 from anita.model.llama import CHECKPOINTING, PROJECTIONS
 from anita.model.logprobs import DEFAULT_CHUNK_SIZE
@@ -85,21 +85,25 @@ class TrainConfig:
     lora_dropout: float = flag(0.0, "dropout on the LoRA input of a fresh adapter")
     rslora: bool = flag(False, "rank-stabilised LoRA scale alpha/sqrt(r) for a fresh adapter")
     targets: list[str] = flag(list(PROJECTIONS), "comma-separated module names a fresh adapter adapts, or all-linear")
-    adapter_dtype: str = flag("fp32", "dtype of the LoRA weights and their gradients (and of --optimizer adamw's "
-                                      "moments): fp32, or bf16 (the QLoRA paper's; TRL's trainers cast a 4-bit "
-                                      "model's adapters to bf16)",
-                              choices=["fp32", "bf16"])
-    precision: str = flag("fp32", "fp32, or bf16 autocast (the recipe's compute dtype; many CPUs are slow at bf16)",
-                          choices=list(PRECISIONS))
+    adapter_dtype: str | None = flag(None, "dtype of the LoRA weights and their gradients (and of --optimizer adamw's "
+                                           "moments): fp32, or bf16 (the QLoRA paper's); default: bf16 over an NF4 "
+                                           "base in bf16, as TRL's trainers cast a 4-bit model's adapters, else fp32",
+                                     choices=["fp32", "bf16"])
+    precision: str | None = flag(None, "compute dtype: bf16 autocast over fp32 master weights, or fp32, the exact "
+                                       "reference mode (the head and adapters follow it unless set); default: bf16 "
+                                       "where the device has it natively (CUDA compute capability 8+, AVX-512/AMX "
+                                       "CPUs), as TRL trains, else fp32",
+                                 choices=list(PRECISIONS))
     gradient_checkpointing: bool = flag(True, "recompute each block's activations in the backward pass (the "
                                               "older switch: true = --checkpointing full, false = off)")
     checkpointing: str | None = flag(None, "activation checkpointing: full (recompute each block), selective (keep "
                                            "the projection and attention outputs, recompute the element-wise work) "
                                            "or off; default: full, or off with --no-gradient-checkpointing",
                                      choices=list(CHECKPOINTING))
-    head_dtype: str = flag("fp32", "dtype of the output head's matmuls in the loss: fp32, or bf16 (as HF/TRL; the "
-                                   "log-softmax stays fp32; docs/speed.md gives the loss difference)",
-                           choices=["fp32", "bf16"])
+    head_dtype: str | None = flag(None, "dtype of the output head's matmuls in the loss: bf16 (as HF/TRL under "
+                                        "autocast) or fp32; the log-softmax stays fp32 (docs/speed.md gives the loss "
+                                        "difference); default: the precision's",
+                                  choices=["fp32", "bf16"])
     fused_projections: bool = flag(False, "run the frozen q/k/v and gate/up base weights as one matmul each "
                                           "(equal to the plain path up to rounding; checkpoints keep HF's names)")
     device: str = flag("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
@@ -145,7 +149,8 @@ class TrainConfig:
         """Raise AnitaError naming the first field that is missing, out of range, or set but unused.
 
         `given` names the fields the user set (flags, config-file keys); a fresh adapter's settings
-        set beside --adapter are refused even when they equal the defaults."""
+        set beside --adapter are refused even when they equal the defaults. The dtypes left unset
+        (precision, head_dtype, adapter_dtype) are filled in for the device (`training_dtypes`)."""
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise AnitaError(f"{source}: {name!r} is required (flag --{name.replace('_', '-')})")
@@ -182,6 +187,10 @@ class TrainConfig:
                              "budget per micro-batch), not both")
         checkpoint_mode(self, source, given)
         check_held_out(self, source)
+        self.precision, self.head_dtype, self.adapter_dtype = training_dtypes(
+            self.device, self.qlora, self.precision, self.head_dtype, self.adapter_dtype)
+        if "bf16" in (self.precision, self.head_dtype, self.adapter_dtype):
+            check_bf16_device(self.device, f"{source}: bf16 on device {self.device}")
         if self.adapter:
             unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
             if unused:

@@ -111,7 +111,8 @@ def describe(plan: RunPlan, cfg: TrainConfig, info: DistInfo, unit: str) -> str:
     line = (f"{plan.steps} steps of {batch} {unit} ({per_micro_batch} x {cfg.grad_accum} accumulated "
             f"x {info.world_size} process(es); {plan.per_epoch} micro-batches per epoch); warm-up {plan.warmup} "
             f"steps, then {cfg.scheduler}; {optimizer}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
-            f"max_length {cfg.max_length}; {model} with {adapter}; {cfg.precision}")
+            f"max_length {cfg.max_length}; {model} with {adapter}; {cfg.precision} compute, {cfg.head_dtype} "
+            f"head, {cfg.adapter_dtype} adapters")
     if plan.warmup and plan.warmup >= plan.steps:
         line += (f"\nwarning: the warm-up ({plan.warmup} steps) is as long as the run ({plan.steps} steps), so the "
                  f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps or set --warmup-ratio")

@@ -4,7 +4,9 @@ set the same fields, flags win over the file, and bad keys or values name the fi
 import argparse
 
 import pytest
+import torch
 
+from anita import dtypes
 from anita.errors import AnitaError
 from anita.model.llama import PROJECTIONS
 from anita.train.config import TrainConfig, add_config_arguments, config_from_args
@@ -118,6 +120,55 @@ def test_bare_defaults_are_what_a_trl_user_expects():
     cfg = parse(REQUIRED)
     assert (cfg.batch_size, cfg.grad_accum, cfg.warmup_steps, cfg.warmup_ratio, cfg.optimizer, cfg.weight_decay,
             cfg.max_length, cfg.gradient_checkpointing) == (8, 1, 0, None, "adamw", 0.0, 1024, True)
+
+
+SPELLED_OUT = ["--precision", "bf16", "--head-dtype", "bf16", "--adapter-dtype", "bf16"]
+
+
+def test_bare_dtypes_are_trls_on_a_device_with_bf16(monkeypatch):
+    """Where the device has bf16 (monkeypatched: this CPU may lack it), a bare command trains as TRL does: bf16
+    autocast, the head's matmuls in bf16, the NF4 base's adapters cast to bf16; the full-precision base keeps
+    fp32 adapters (TRL casts only a quantized model's). The bare config is the spelled-out one field for field,
+    so it runs the same code. --precision fp32 alone is the exact reference mode."""
+    monkeypatch.setattr(dtypes, "bf16_native", lambda device: True)
+    bare = parse(REQUIRED)
+    assert (bare.precision, bare.head_dtype, bare.adapter_dtype) == ("bf16", "bf16", "bf16")
+    assert bare.to_dict() == parse(REQUIRED + SPELLED_OUT).to_dict()
+    full = parse(REQUIRED + ["--no-qlora"])
+    assert (full.precision, full.head_dtype, full.adapter_dtype) == ("bf16", "bf16", "fp32")
+    exact = parse(REQUIRED + ["--precision", "fp32"])
+    assert (exact.precision, exact.head_dtype, exact.adapter_dtype) == ("fp32", "fp32", "fp32")
+    mixed = parse(REQUIRED + ["--head-dtype", "fp32"])
+    assert (mixed.precision, mixed.head_dtype, mixed.adapter_dtype) == ("bf16", "fp32", "bf16")
+
+
+def test_bare_dtypes_without_bf16_are_fp32(monkeypatch):
+    """A device without native bf16 (an AVX2 CPU, a V100) defaults to fp32 throughout; bf16 asked for on a CPU
+    still runs (emulated), and its head and adapters follow it."""
+    monkeypatch.setattr(dtypes, "bf16_native", lambda device: False)
+    bare = parse(REQUIRED)
+    assert (bare.precision, bare.head_dtype, bare.adapter_dtype) == ("fp32", "fp32", "fp32")
+    asked = parse(REQUIRED + ["--precision", "bf16"])
+    assert asked.to_dict() == parse(REQUIRED + SPELLED_OUT).to_dict()
+
+
+def test_this_machines_bare_dtypes_follow_its_capability():
+    expected = "bf16" if dtypes.bf16_native("cpu") else "fp32"
+    assert parse(REQUIRED).precision == expected
+
+
+def test_bf16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
+    """A GPU of compute capability below 8.0 (a T4 here, faked) has no bf16: asking for it names the GPU and
+    what to pass instead; its bare command trains in fp32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dtypes, "bf16_native", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert parse(REQUIRED + ["--device", "cuda"]).precision == "fp32"
+    for flags in (["--precision", "bf16"], ["--head-dtype", "bf16"], ["--adapter-dtype", "bf16"]):
+        with pytest.raises(AnitaError, match=r"command line: bf16 on device cuda: Tesla T4 \(compute capability "
+                                             r"7\.5\) has no bf16 \(it needs 8\.0 or later\); use --precision fp32"):
+            parse(REQUIRED + ["--device", "cuda"] + flags)
 
 
 def test_checkpointing_modes_and_the_older_switch(tmp_path):
