@@ -94,10 +94,11 @@ def _last_step(name: str) -> int | None:
 BACKENDS = {"tensorboard": (TensorBoard, "tensorboard"), "trackio": (Trackio, "trackio")}
 
 
-def check_report_to(names: list[str], source: str = "config") -> list[str]:
-    """The backends `names` asks for ([] for none); AnitaError for an unknown name or a backend
-    whose package is not installed, so that a run fails on it in seconds, before any work."""
-    wanted = [n.strip().lower() for n in names]
+def check_report_to(names: list[str] | str, source: str = "config") -> list[str]:
+    """The backends `names` (a list, or a comma-separated string as transformers takes) asks for
+    ([] for none); AnitaError for an unknown name or a backend whose package is not installed, so
+    that a run fails on it in seconds, before any work."""
+    wanted = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names)]
     if wanted == ["none"]:
         return []
     for name in wanted:

@@ -167,8 +167,9 @@ def test_report_to_none_and_a_missing_package(monkeypatch):
     from anita.errors import AnitaError
     from anita.train.tracking import check_report_to
 
+    pytest.importorskip("tensorboard")
     assert check_report_to(["none"]) == [] and check_report_to([]) == []
-    assert check_report_to(["TensorBoard", "tensorboard"]) == ["tensorboard"]
+    assert check_report_to(["TensorBoard", "tensorboard"]) == check_report_to("tensorboard") == ["tensorboard"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AnitaError, match=r"report_to trackio needs the trackio package.*pip install 'anita\[track\]'"):
         check_report_to(["trackio"], "command line")
