@@ -283,7 +283,7 @@ def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistI
     log = MetricsLog(out / METRICS_FILE)
     torch.manual_seed(cfg.seed + info.rank)  # dropout; replaced by the checkpoint's RNG on resume
     start, last = resume_point(out, model, optimizer, scheduler, log, info)
-    # --report-to: the trackers see every record appended from here on (rank 0), from step start + 1
+    # --report-to (rank 0): the trackers get every record appended from here on; resumed, from step start + 1
     trackers = open_trackers(cfg.report_to, out, start + 1 if start else 0, cfg.to_dict()) if info.is_main else []
     module = LossModule(model, loss_fn)
     runner = wrap_ddp(module, info)
