@@ -119,6 +119,7 @@ CASES = {
     "sft adapter nan tensor": (SFT + ["--adapter", "{adapter_nan_tensor}"], f"tensor '{Q0_B}' holds 1 non-finite"),
     "sft adapter nope": (SFT + ["--adapter", "{adapter_nope_targets}"], "target_modules: 'nope_proj' matches no mod"),
     "sft adapter lm_head": (SFT + ["--adapter", "{adapter_lm_head}"], "LoRA on lm_head cannot be trained"),
+    "sft report-to wandb": (SFT + ["--report-to", "wandb"], "'report_to' must be tensorboard, trackio (comma-separ"),
     "sft model config nan": (["sft", "--model", "{nan_config_model}", "--data", "{sft}", "--output", "{out}"],
                              "config.json: rms_norm_eps must be a finite number >= 0, got nan"),
     # ------------------------------------------------------------------------------------ dpo
@@ -129,6 +130,7 @@ CASES = {
     "dpo lr nan": (DPO + ["--lr", "nan"], "argument --lr: must be a finite number, got 'nan'"),
     "dpo rpo-alpha inf": (DPO + ["--rpo-alpha", "inf"], "argument --rpo-alpha: must be a finite number"),
     "dpo kto weight inf": (DPO + ["--loss", "kto", "--desirable-weight", "inf"], "--desirable-weight: must be a fin"),
+    "dpo report-to bad": (DPO + ["--report-to", "tensorboard,tb"], "'report_to' must be tensorboard, trackio"),
     "dpo adapter nope": (DPO + ["--adapter", "{adapter_nope_targets}"], "target_modules: 'nope_proj' matches no"),
     # ------------------------------------------------------------------------------- generate
     "generate temperature nan": (GEN + ["--temperature", "nan"], "--temperature: must be a finite number >= 0"),

@@ -45,6 +45,7 @@ from anita.files import replace_dir, save_safetensors, write_json
 from anita.lora import load_lora_state_dict, lora_state_dict, save_adapter
 from anita.train.config import differences
 from anita.train.distributed import DistInfo, all_reduce_sum, barrier
+from anita.train.tracking import TENSORBOARD_DIR
 from anita.train.trainer_state import check_optimizer_state, from_tree, rng_tensors, set_rng_tensors, to_tree
 
 RUN_FILE = "run.json"
@@ -56,7 +57,8 @@ STEP_DIR = re.compile(r"step-(\d+)")
 # What a run writes before its first checkpoint: a directory holding only these, with a run.json and
 # no complete checkpoint, is a run that stopped before one (a crash at step 1, a bad setting), and
 # a new run may clear it.
-EARLY_RUN_FILES = {RUN_FILE, "checkpoints", "metrics.jsonl", "training_curves.png", "dpo_curves.png", ".tmp-adapter"}
+EARLY_RUN_FILES = {RUN_FILE, "checkpoints", "metrics.jsonl", "training_curves.png", "dpo_curves.png", ".tmp-adapter",
+                   TENSORBOARD_DIR}
 # run.json fields that are not settings of the run: where it lives, where a cache lives.
 NOT_SETTINGS = {"output", "reference_cache"}
 # Fields naming a file or directory (or a Hub id): compared by what they point to, not their spelling.

@@ -30,6 +30,7 @@ from anita.model.llama import CHECKPOINTING, PROJECTIONS
 from anita.model.logprobs import DEFAULT_CHUNK_SIZE
 from anita.sources import parse_columns
 from anita.sources.source import DEFAULT_SPLIT
+from anita.train.tracking import check_report_to
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,7 +39,7 @@ else:  # Python 3.10: the same library, as a package (an optional dependency)
 
 # Fields that may differ between a run and its `--resume`: they do not change the numbers (how much
 # is recomputed in backward does not: the checkpointing modes give bit-equal gradients, docs/speed.md).
-RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress", "data_cache",
+RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress", "data_cache", "report_to",
                      "checkpointing", "gradient_checkpointing",  # gradients bit-equal in every mode
                      "chunk_size"}  # the head's chunks: per-token log-probs do not depend on them
 # The settings of a fresh adapter; with --adapter the adapter's own are used, so these are refused.
@@ -144,6 +145,9 @@ class TrainConfig:
     eval_steps: int | None = flag(None, "evaluate on --eval-data every N steps (always before and after)")
     resume: bool = flag(False, "continue the run in --output from its last checkpoint")
     progress: bool = flag(True, "show a tqdm progress bar")
+    report_to: list[str] = flag([], "also log every metrics.jsonl record to these trackers, comma-separated: "
+                                    "tensorboard (event files in OUTPUT/tensorboard), trackio (its local "
+                                    "database), or none; pip install 'anita[track]' (docs/training.md)")
 
     def validate(self, source: str = "config", given: set[str] = frozenset()) -> "TrainConfig":
         """Raise AnitaError naming the first field that is missing, out of range, or set but unused.
@@ -191,6 +195,7 @@ class TrainConfig:
             self.device, self.qlora, self.precision, self.head_dtype, self.adapter_dtype)
         if "bf16" in (self.precision, self.head_dtype, self.adapter_dtype):
             check_bf16_device(self.device, f"{source}: bf16 on device {self.device}")
+        check_report_to(self.report_to, source)
         if self.adapter:
             unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
             if unused:

@@ -7,7 +7,7 @@ run under torchrun).
         forward + backward of each: loss_fn(model, batch) -> (loss_sum, count, metrics)
         gradients /= the step's total count (over micro-batches and processes)
         clip, stop on a non-finite loss or gradient, optimizer.step(), scheduler.step()
-        log; evaluate every eval_steps; checkpoint every save_steps
+        log (metrics.jsonl, and --report-to's trackers); evaluate every eval_steps; checkpoint every save_steps
         on SIGTERM/SIGINT: checkpoint, export the adapter, raise Interrupted (anita.train.signals)
 
 The contract with the caller:
@@ -49,6 +49,7 @@ from anita.train.distributed import DistInfo, all_reduce_sum, maybe_no_sync, wra
 from anita.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory_mb, plot_metrics, progress_bar
 from anita.train.optim import build_optimizer, build_scheduler, optimizer_for, warmup_steps_for
 from anita.train.signals import StopSignals
+from anita.train.tracking import open_trackers
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -283,35 +284,38 @@ def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistI
     log = MetricsLog(out / METRICS_FILE)
     torch.manual_seed(cfg.seed + info.rank)  # dropout; replaced by the checkpoint's RNG on resume
     start, last = resume_point(out, model, optimizer, scheduler, log, info)
+    # --report-to (rank 0): the trackers get every record appended from here on; resumed, from step start + 1
+    trackers = open_trackers(cfg.report_to, out, start + 1 if start else 0, cfg.to_dict()) if info.is_main else []
     module = LossModule(model, loss_fn)
     runner = wrap_ddp(module, info)
     module.train()
-    if eval_data is not None and start == 0:
-        _log_eval(module, eval_data, 0, cfg, info, log)
-    bar = progress_bar(steps, start, cfg.progress and info.is_main)
-    with StopSignals() as signals:  # SIGTERM/SIGINT: stop after the step, saved (anita.train.signals)
-        for step in range(start, steps):
-            record = train_step(runner, data, step, params, optimizer, scheduler, cfg, info)
-            check_finite(record, last)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if info.is_main:
-                log.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            done = step + 1
-            if eval_data is not None and (done == steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
-                bar.set_postfix_str(f"step {done}: held-out evaluation")
-                _log_eval(module, eval_data, done, cfg, info, log, say=bar.write)
-            save_now = partial(save, out, done, model, optimizer, scheduler, cfg, info, base_model, last)
-            if done == steps or done % cfg.save_steps == 0:
-                bar.set_postfix_str(f"step {done}: writing checkpoint")
-                last = save_now()
-            if done < steps and (signum := signals.requested(info)) is not None:
-                bar.close()
-                stop_for_signal(signum, done, steps, last, save_now, out, log, info, unit)
-    bar.close()
+    with log.tracking(trackers):
+        if eval_data is not None and start == 0:
+            _log_eval(module, eval_data, 0, cfg, info, log)
+        bar = progress_bar(steps, start, cfg.progress and info.is_main)
+        with StopSignals() as signals:  # SIGTERM/SIGINT: stop after the step, saved (anita.train.signals)
+            for step in range(start, steps):
+                record = train_step(runner, data, step, params, optimizer, scheduler, cfg, info)
+                check_finite(record, last)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if info.is_main:
+                    log.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                done = step + 1
+                if eval_data is not None and (done == steps or (cfg.eval_steps and done % cfg.eval_steps == 0)):
+                    bar.set_postfix_str(f"step {done}: held-out evaluation")
+                    _log_eval(module, eval_data, done, cfg, info, log, say=bar.write)
+                save_now = partial(save, out, done, model, optimizer, scheduler, cfg, info, base_model, last)
+                if done == steps or done % cfg.save_steps == 0:
+                    bar.set_postfix_str(f"step {done}: writing checkpoint")
+                    last = save_now()
+                if done < steps and (signum := signals.requested(info)) is not None:
+                    bar.close()
+                    stop_for_signal(signum, done, steps, last, save_now, out, log, info, unit)
+        bar.close()
     return finish_run(out, last, log, info, unit)
 
 

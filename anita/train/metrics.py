@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from anita.errors import AnitaError
 from anita.files import write_text
+from anita.train.tracking import tags
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
@@ -29,10 +31,12 @@ class MetricsLog:
     """Append-only JSON lines; on resume, records after the checkpoint's step are dropped (they
     will be written again). A process killed (or a disk filled) during an append leaves a last
     line cut short: reading drops it and says so; any other unreadable line is an error naming
-    file:line."""
+    file:line. Each record appended is also sent to the `trackers` (`anita.train.tracking`:
+    TensorBoard, trackio), so they chart the very numbers of the file."""
 
     def __init__(self, path):
         self.path = Path(path)
+        self.trackers: list = []  # set by `tracking`
 
     def append(self, record: dict) -> None:
         try:
@@ -41,6 +45,19 @@ class MetricsLog:
         except OSError as e:
             raise AnitaError(f"{self.path}: could not append a record ({e.strerror or e}); free some space, "
                              "then --resume continues from the last checkpoint") from None
+        for tracker in self.trackers:
+            tracker.log(record["step"], tags(record))
+
+    @contextmanager
+    def tracking(self, trackers: list):
+        """Send the records appended inside the block to `trackers` too; closed on the way out."""
+        self.trackers = list(trackers)
+        try:
+            yield self
+        finally:
+            trackers, self.trackers = self.trackers, []
+            for tracker in trackers:
+                tracker.close()
 
     def read(self) -> list[dict]:
         if not self.path.is_file():

@@ -38,8 +38,9 @@ def losses(out):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
 
 
-def start_anita(args: list[str], **kw) -> subprocess.Popen:
-    """`anita ARGS` in a subprocess, one thread as the in-process tests (tests/conftest.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def start_anita(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    """`anita ARGS` in a subprocess, one thread as the in-process tests (tests/conftest.py), with
+    `env` added to this process's environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "anita.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
