@@ -168,12 +168,15 @@ def checks(results: dict, jobs: list[str]) -> list[str]:
     return lines
 
 
-def run_setting(w: Workload, benches: list[str], systems: list[str], log) -> tuple[dict, list[str], dict]:
-    """One setting (checkpointing, threads): the peak probe, then every (job, system) in its own process."""
+def run_setting(w: Workload, benches: list[str], systems: list[str], log, probe: bool = True
+                ) -> tuple[dict, list[str], dict]:
+    """One setting (checkpointing, threads): the peak probe (unless not `probe`: then no MFU), then every
+    (job, system) in its own process."""
     jobs = jobs_for(benches, w)
-    results, start = {}, time.time()
-    log(f"[{0:6.0f}s] probe bf16 matmul peak ({w.threads} threads)")
-    peak = spawn("probe", "peak", w, log)
+    results, start, peak = {}, time.time(), {}
+    if probe:
+        log(f"[{0:6.0f}s] probe bf16 matmul peak ({w.threads} threads)")
+        peak = spawn("probe", "peak", w, log)
     for job in jobs:
         for system in systems:
             log(f"[{time.time() - start:6.0f}s] {system:5s} {job} (ckpt={w.checkpointing}, {w.threads} threads)")
