@@ -121,8 +121,8 @@ CASES = {
     "sft adapter lm_head": (SFT + ["--adapter", "{adapter_lm_head}"], "LoRA on lm_head cannot be trained"),
     "sft model config nan": (["sft", "--model", "{nan_config_model}", "--data", "{sft}", "--output", "{out}"],
                              "config.json: rms_norm_eps must be a finite number >= 0, got nan"),
-    "sft fsdp one process": (SFT + ["--fsdp"], "--fsdp shards the model over the processes torchrun starts, but "
-                                               "this is a single process: launch it as `torchrun --nproc-per-node N"),
+    "sft fsdp one process": (SFT + ["--fsdp"], ("--fsdp shards the model over the processes torchrun starts, but "
+                                                "this is a single process: launch it as `torchrun --nproc-per-node N")),
     "sft fsdp 8-bit": (SFT + ["--fsdp", "--optimizer", "adamw_8bit"], "fsdp needs optimizer adamw (torch's, which"),
     "sft fsdp fused": (SFT + ["--fsdp", "--fused-projections"], "fused_projections is not supported with fsdp"),
     # ------------------------------------------------------------------------------------ dpo

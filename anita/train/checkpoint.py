@@ -480,10 +480,10 @@ def export_adapter(checkpoint: Path, out: Path) -> Path:
     return final
 
 
-def adapter_is_finite(model, info: DistInfo = DistInfo()) -> bool:
+def adapter_is_finite(model, info: DistInfo | None = None) -> bool:
     """True when every adapter weight is finite (a checkpoint of NaN weights is not 'good'); a
     sharded model's processes check their shards and agree."""
     bad = sum(not torch.isfinite(local(t)).all() for t in lora_state_dict(model).values())
     if is_sharded(model):
-        bad = all_reduce_sum(torch.tensor([float(bad)]), info).item()
+        bad = all_reduce_sum(torch.tensor([float(bad)]), info or DistInfo()).item()
     return bad == 0

@@ -31,7 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
@@ -91,11 +94,15 @@ def frozen_tensors(model: nn.Module) -> list[torch.Tensor]:
     return held
 
 
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()  # a DTensor's numel is the whole tensor's
+
+
 def base_bytes(model: nn.Module, info: DistInfo) -> dict:
     """{"world_size", "base_bytes" (the whole base, as one process holds it without sharding),
     "base_bytes_per_rank" (what each process holds: its shards, plus the unsharded small tensors)}."""
     held = frozen_tensors(model)
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731 (a DTensor's numel is the whole tensor's)
+    nbytes = lambda t: t.numel() * t.element_size()
     per_rank = torch.zeros(info.world_size, dtype=torch.float64)
     per_rank[info.rank] = sum(nbytes(local(t)) for t in held)
     dist.all_reduce(per_rank)  # each process filled its own entry

@@ -222,15 +222,20 @@ def check_finite(record: dict, last_checkpoint) -> None:
 @torch.no_grad()
 def evaluate(module: LossModule, data, cfg: TrainConfig, info: DistInfo) -> tuple[float, dict]:
     """Mean loss per unit over one pass of `data` (each process takes every n-th micro-batch), and
-    the loss function's metrics averaged the same way (count-weighted; DPO's reward accuracy)."""
+    the loss function's metrics averaged the same way (count-weighted; DPO's reward accuracy).
+    A sharded model's forward is a collective, so with --fsdp a process short of one micro-batch
+    (n does not divide the count) runs its last one again and leaves the result out."""
     sums = torch.zeros(2, dtype=torch.float64)
     weighted: dict[str, list[float]] = {}
+    mine = list(range(info.rank, data.per_epoch, info.world_size))
+    forwards = math.ceil(data.per_epoch / info.world_size) if cfg.fsdp else len(mine)
     with eval_mode(module):  # no dropout
-        for i in range(info.rank, data.per_epoch, info.world_size):
+        for j in range(forwards):
             with autocast(cfg, info.device):
-                loss_sum, count, metrics = module(to_device(data[i], info.device))
-            sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
-            add_metrics(weighted, metrics, float(count))
+                loss_sum, count, metrics = module(to_device(data[mine[min(j, len(mine) - 1)]], info.device))
+            if j < len(mine):
+                sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+                add_metrics(weighted, metrics, float(count))
     (loss_sum, count), metrics = reduce_metrics(sums, weighted, info)
     return loss_sum.item() / max(count.item(), 1.0), metrics
 

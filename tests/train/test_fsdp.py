@@ -33,6 +33,10 @@ from tests.train.conftest import chat_rows, write_jsonl
 from tests.train.runs import adapter, losses, same_tensors
 
 
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def torchrun(args: list[str], nproc: int = 2, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -52,7 +56,8 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
         try:
-            stat = open(f"/proc/{entry}/stat").read()
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
         except OSError:  # not a process, or gone
             continue
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
@@ -99,12 +104,18 @@ def expected_bytes_per_rank(model, world_size: int) -> tuple[int, float, float]:
 
 def test_fsdp_sft_on_two_gloo_processes_equals_one_process(tmp_path, tiny_run_model):
     """The QLoRA SFT run sharded over 2 processes (activation checkpointing on, as by default) has
-    the single process's losses and adapter; run.json says what each process held of the base; the
-    one PEFT adapter rank 0 wrote loads with the PEFT loader."""
+    the single process's losses, held-out losses and adapter; the held-out data is 3 micro-batches,
+    so one process evaluates one more than the other. run.json says what each process held of the
+    base; the one PEFT adapter rank 0 wrote loads with the PEFT loader."""
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
-    run_torchrun(sft_args(tiny_run_model, data, tmp_path / "fsdp", 1, "--fsdp"))
-    assert main(sft_args(tiny_run_model, data, tmp_path / "single", 2)) == 0
+    held_out = ["--eval-data", write_jsonl(tmp_path / "eval.jsonl", chat_rows(6, seed=1)), "--eval-steps", "2"]
+    run_torchrun(sft_args(tiny_run_model, data, tmp_path / "fsdp", 1, "--fsdp", *held_out))
+    assert main(sft_args(tiny_run_model, data, tmp_path / "single", 2, *held_out)) == 0
     close_runs(tmp_path / "fsdp", tmp_path / "single")
+    evals = [[(r["step"], r["eval_loss"]) for r in records(out) if "eval_loss" in r]
+             for out in (tmp_path / "fsdp", tmp_path / "single")]
+    assert [s for s, _ in evals[0]] == [s for s, _ in evals[1]] == [0, 2, 4]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(*evals)) <= 1e-4
     sharding = json.loads((tmp_path / "fsdp" / "run.json").read_text())["sharding"]
     cfg = TrainConfig(model=str(tiny_run_model), data=data, output="unused", lora_r=2, lora_alpha=4)
     total, per_rank, slack = expected_bytes_per_rank(load_trainable_model(cfg, DistInfo())[0], 2)
