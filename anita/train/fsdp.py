@@ -28,7 +28,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -42,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from anita.errors import AnitaError
 from anita.lora import lora_state_dict
 from anita.quant import Linear4bit
-from anita.train.distributed import DistInfo
+from anita.train.distributed import DistInfo, all_reduce_sum
 
 DCP_DIR = "dcp"  # a checkpoint's folder of sharded tensors (torch.distributed.checkpoint's files)
 
@@ -105,7 +104,7 @@ def base_bytes(model: nn.Module, info: DistInfo) -> dict:
     nbytes = lambda t: t.numel() * t.element_size()
     per_rank = torch.zeros(info.world_size, dtype=torch.float64)
     per_rank[info.rank] = sum(nbytes(local(t)) for t in held)
-    dist.all_reduce(per_rank)  # each process filled its own entry
+    per_rank = all_reduce_sum(per_rank, info)  # each process filled its own entry
     return {"world_size": info.world_size, "base_bytes": sum(nbytes(t) for t in held),
             "base_bytes_per_rank": [int(b) for b in per_rank.tolist()]}
 
