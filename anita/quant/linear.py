@@ -1,10 +1,11 @@
 """A frozen 4-bit NF4 linear layer: the base layer of QLoRA (Dettmers et al. 2023, §3).
 
 The weight (O, I) is stored as NF4 codes plus their block scales (see `anita.quant.nf4`) in
-buffers — never parameters, so it gets no gradient and no optimizer state; gradients flow to
-the input only (under FSDP2 both become frozen parameters, see `hold_as_parameters`). Forward computes in `compute_dtype` (bf16 in the recipe) either through
-bitsandbytes' `matmul_4bit` (`backend="bnb"`, CPU and CUDA) or by dequantizing in plain PyTorch
-and calling `F.linear` (`backend="torch"`, the fallback where bitsandbytes is missing).
+buffers — never trainable parameters, so it gets no gradient and no optimizer state; gradients
+flow to the input only (for FSDP2, which shards only parameters, `hold_as_parameters` makes the
+codes and scales frozen parameters). Forward computes in `compute_dtype` (bf16 in the recipe)
+either through bitsandbytes' `matmul_4bit` (`backend="bnb"`, CPU and CUDA) or by dequantizing in
+plain PyTorch and calling `F.linear` (`backend="torch"`, the fallback where bitsandbytes is missing).
 Modelled on bitsandbytes' `nn.Linear4bit` and torchtune's `FrozenNF4Linear`.
 
 A `Linear4bit` holds `weight`, the packed codes (a buffer, so it moves with the model), and

@@ -229,9 +229,10 @@ def write_guarded(path: Path, write) -> None:
 def write_rank_files(tmp: Path, step: int, model, optimizer, scheduler, info: DistInfo, base_model) -> None:
     """This process's files of a checkpoint: its RNG; on rank 0 also adapter, optimizer, state.
     A sharded model: every process also writes its shards into dcp/, and the adapter is gathered
-    for rank 0 to write (collectives: every process gets here, even after a failed write)."""
+    for rank 0 to write; both are collectives, so they come before any write that could fail on
+    one process alone."""
     sharded = is_sharded(model)
-    if sharded:  # the collectives first, so that a failed write below leaves no process waiting in one
+    if sharded:
         try:
             save_sharded(tmp / DCP_DIR, model, optimizer)
         except CheckpointException as e:  # raised on every process when any failed
@@ -482,8 +483,8 @@ def export_adapter(checkpoint: Path, out: Path) -> Path:
 
 def adapter_is_finite(model, info: DistInfo | None = None) -> bool:
     """True when every adapter weight is finite (a checkpoint of NaN weights is not 'good'); a
-    sharded model's processes check their shards and agree."""
+    sharded model's processes (`info` is then needed) check their shards and agree."""
     bad = sum(not torch.isfinite(local(t)).all() for t in lora_state_dict(model).values())
     if is_sharded(model):
-        bad = all_reduce_sum(torch.tensor([float(bad)]), info or DistInfo()).item()
+        bad = all_reduce_sum(torch.tensor([float(bad)]), info).item()
     return bad == 0

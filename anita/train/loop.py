@@ -111,9 +111,10 @@ def describe(plan: RunPlan, cfg: TrainConfig, info: DistInfo, unit: str) -> str:
     model = "NF4 base (QLoRA)" if cfg.qlora else "full-precision base"
     adapter = f"the adapter {cfg.adapter}" if cfg.adapter else f"a fresh LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g}"
     optimizer = plan.optimizer + (f" ({cfg.optimizer} pages only on CUDA)" if plan.optimizer != cfg.optimizer else "")
+    sharded = " sharding the model (FSDP)" if cfg.fsdp else ""
     line = (f"{plan.steps} steps of {batch} {unit} ({per_micro_batch} x {cfg.grad_accum} accumulated "
-            f"x {info.world_size} process(es){' sharding the model (FSDP)' if cfg.fsdp else ''}; {plan.per_epoch} micro-batches per epoch); warm-up {plan.warmup} "
-            f"steps, then {cfg.scheduler}; {optimizer}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
+            f"x {info.world_size} process(es){sharded}; {plan.per_epoch} micro-batches per epoch); "
+            f"warm-up {plan.warmup} steps, then {cfg.scheduler}; {optimizer}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
             f"max_length {cfg.max_length}; {model} with {adapter}; {cfg.precision}")
     if plan.warmup and plan.warmup >= plan.steps:
         line += (f"\nwarning: the warm-up ({plan.warmup} steps) is as long as the run ({plan.steps} steps), so the "
