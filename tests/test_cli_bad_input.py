@@ -122,7 +122,13 @@ CASES = {
     "sft report-to wandb": (SFT + ["--report-to", "wandb"], "'report_to' must be tensorboard, trackio (comma-separ"),
     "sft model config nan": (["sft", "--model", "{nan_config_model}", "--data", "{sft}", "--output", "{out}"],
                              "config.json: rms_norm_eps must be a finite number >= 0, got nan"),
+    "sft fsdp one process": (SFT + ["--fsdp"], ("--fsdp shards the model over the processes torchrun starts, but "
+                                                "this is a single process: launch it as `torchrun --nproc-per-node N")),
+    "sft fsdp 8-bit": (SFT + ["--fsdp", "--optimizer", "adamw_8bit"], "fsdp needs optimizer adamw (torch's, which"),
+    "sft fsdp fused": (SFT + ["--fsdp", "--fused-projections"], "fused_projections is not supported with fsdp"),
     # ------------------------------------------------------------------------------------ dpo
+    "dpo fsdp precomputed": (DPO + ["--fsdp", "--reference", "precomputed"],
+                             "fsdp works with reference adapters-off (or none, for ORPO and SimPO), not precomputed"),
     "dpo beta 0": (DPO + ["--beta", "0"], "command line: beta must be a finite number > 0, got 0.0"),  # a guard: the
     # issue saw it refused after a model load; main already refused it first
     "dpo beta inf": (DPO + ["--beta", "inf"], "argument --beta: must be a finite number, got 'inf'"),

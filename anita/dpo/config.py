@@ -83,6 +83,10 @@ class DPOConfig(TrainConfig):
                              "the bare base, not the SFT model it starts from; use --reference adapter")
         if self.reference == "adapter" and not self.adapter:
             raise AnitaError(f"{source}: --reference adapter needs --adapter (the SFT adapter to freeze)")
+        if self.fsdp and self.reference_kind() in ("adapter", "precomputed"):
+            raise AnitaError(f"{source}: fsdp works with reference adapters-off (or none, for ORPO and SimPO), not "
+                             f"{self.reference_kind()} (it reads the whole adapter or base on one process); set "
+                             "--reference adapters-off or drop --fsdp")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise AnitaError(f"{source}: 'max_prompt_length' must be in [1, max_length = {self.max_length}), "
                              f"got {self.max_prompt_length}")

@@ -46,8 +46,11 @@ UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", 
 
 
 # ----------------------------------------------------------------------------------- save
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None) -> None:
-    """Write the model's LoRA adapter as PEFT does, loadable by `peft.PeftModel.from_pretrained`."""
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's LoRA adapter as PEFT does, loadable by `peft.PeftModel.from_pretrained`.
+    `tensors`: the adapter's tensors as `lora_state_dict` names them, when the model's own are not
+    whole (a sharded model's, gathered by `anita.train.fsdp.full_adapter`)."""
     layers = lora_layers(model)
     if not layers:
         raise AnitaError("save_adapter: the model has no LoRA layers (apply_lora or load_adapter first)")
@@ -65,7 +68,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
         "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,
     }
-    tensors = {PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {PREFIX + k: v.detach().contiguous() for k, v in (tensors or lora_state_dict(model)).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, out_dir / WEIGHTS_FILE)

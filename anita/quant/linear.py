@@ -1,11 +1,12 @@
 """A frozen 4-bit NF4 linear layer: the base layer of QLoRA (Dettmers et al. 2023, §3).
 
 The weight (O, I) is stored as NF4 codes plus their block scales (see `anita.quant.nf4`) in
-buffers — never parameters, so it gets no gradient and no optimizer state; gradients flow to
-the input only. Forward computes in `compute_dtype` (bf16 in the recipe) either through
-bitsandbytes (`backend="bnb"`: its `matmul_4bit` on CPU; on CUDA its dequantization into a reused
-buffer and cuBLAS, `anita.quant.matmul`) or by dequantizing in plain PyTorch and calling `F.linear`
-(`backend="torch"`, the fallback where bitsandbytes is missing).
+buffers — never trainable parameters, so it gets no gradient and no optimizer state; gradients
+flow to the input only (for FSDP2, which shards only parameters, `hold_as_parameters` makes the
+codes and scales frozen parameters). Forward computes in `compute_dtype` (bf16 in the recipe)
+either through bitsandbytes (`backend="bnb"`: its `matmul_4bit` on CPU; on CUDA its dequantization
+into a reused buffer and cuBLAS, `anita.quant.matmul`) or by dequantizing in plain PyTorch and
+calling `F.linear` (`backend="torch"`, the fallback where bitsandbytes is missing).
 Modelled on bitsandbytes' `nn.Linear4bit` and torchtune's `FrozenNF4Linear`.
 
 A `Linear4bit` holds `weight`, the packed codes (a buffer, so it moves with the model), and
@@ -21,6 +22,7 @@ Shape letters: B batch, T time, I in_features, O out_features, N = O·I weight e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -124,6 +126,23 @@ class Linear4bit(nn.Module):
         self.state = state
         self.is_loaded = True
 
+    def hold_as_parameters(self) -> None:
+        """Hold the packed codes and the block scales as frozen parameters `weight` and `absmax`
+        (FSDP2 shards parameters on dim 0 and leaves buffers whole: `anita.train.fsdp`); `state`
+        keeps the small rest (code books, second-level scales). State-dict keys stay the same."""
+        self._check_loaded()
+        weight, absmax = self.weight, self.state.absmax
+        del self._buffers["weight"]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.absmax = nn.Parameter(absmax, requires_grad=False)
+        self.state = dataclasses.replace(self.state, absmax=None)  # one copy of the scales: the parameter
+
+    def quant_state(self) -> NF4State:
+        """`state`, with the block scales of the `absmax` parameter once `hold_as_parameters` ran
+        (inside FSDP2's forward: the gathered, whole tensor)."""
+        absmax = self._parameters.get("absmax")
+        return self.state if absmax is None else dataclasses.replace(self.state, absmax=absmax)
+
     def _check_loaded(self) -> None:
         if not self.is_loaded:
             raise AnitaError(f"Linear4bit({self.in_features}, {self.out_features}): no weight loaded yet "
@@ -143,7 +162,7 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (O, I) as a dense tensor in `dtype` (default: compute_dtype), no gradient."""
         self._check_loaded()
-        return dequantize_nf4(self.weight, self.state, dtype or self.compute_dtype)
+        return dequantize_nf4(self.weight, self.quant_state(), dtype or self.compute_dtype)
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +188,7 @@ class Linear4bit(nn.Module):
             # is wrong when a block spans two rows of W (I not a multiple of blocksize).
             raise AnitaError(f"Linear4bit: backend 'bnb' on CPU needs in_features ({self.in_features}) to be "
                              f"a multiple of blocksize ({self.blocksize}); use backend='torch' or another blocksize")
-        return import_bitsandbytes().matmul_4bit(x, self.weight, quant_state=bnb_quant_state(self.state))
+        return import_bitsandbytes().matmul_4bit(x, self.weight, quant_state=bnb_quant_state(self.quant_state()))
 
     def dequantize_for_matmul(self) -> torch.Tensor:
         """The weight (O, I) in compute_dtype, the fast way: bitsandbytes' kernel with backend "bnb"
@@ -179,14 +198,14 @@ class Linear4bit(nn.Module):
         if self.backend == "torch" or (self.weight.device.type == "cpu" and self.in_features % self.blocksize):
             return self.dequantize()  # (bitsandbytes' CPU kernel is wrong there: see `_bnb_matmul`)
         bnbf = import_bitsandbytes().functional
-        return bnbf.dequantize_4bit(self.weight, bnb_quant_state(self.state, self.compute_dtype))
+        return bnbf.dequantize_4bit(self.weight, bnb_quant_state(self.quant_state(), self.compute_dtype))
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         """The weight (O, I) written into `out` (compute dtype, on the weight's device): bitsandbytes' CUDA
         kernel writes it in place there (`anita.quant.matmul`'s reused buffer); elsewhere a copy."""
         if out.is_cuda and self.backend == "bnb":
             bnbf = import_bitsandbytes().functional
-            return bnbf.dequantize_4bit(self.weight, bnb_quant_state(self.state, out.dtype), out=out)
+            return bnbf.dequantize_4bit(self.weight, bnb_quant_state(self.quant_state(), out.dtype), out=out)
         return out.copy_(self.dequantize_for_matmul())
 
     # ------------------------------------------------------------- moving, saving, loading
@@ -204,15 +223,16 @@ class Linear4bit(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """`weight`, and once loaded the state's tensors beside it (`weight_absmax`, ...)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "absmax", None)  # (held as a parameter) saved as weight_absmax below
         if self.is_loaded:
-            for name, tensor in self.state.to_tensors().items():
+            for name, tensor in self.quant_state().to_tensors().items():
                 destination[f"{prefix}weight_{name}"] = tensor
 
     def nbytes(self) -> int:
         """Bytes this layer holds: the packed codes and the tensors of their state (0 while empty)."""
         if not self.is_loaded:
             return 0
-        s = self.state
+        s = self.quant_state()
         held = [self.weight, s.absmax, s.code, s.absmax_scale, s.absmax_offset, s.absmax_code]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 

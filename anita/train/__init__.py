@@ -4,7 +4,7 @@ gradient accumulation, checkpoints and resume, data parallelism, metrics; `anita
 File map: `data.py` (rows of any source (`anita.sources`) -> flat token arrays -> micro-batches by rows or token budget, packing), `loss.py` (SFT loss over the chunked
 log-probs of `anita.model.logprobs`), `optim.py` (AdamW / 8-bit, schedules), `loop.py` (the loop),
 `checkpoint.py` (run dir, atomic verified checkpoints, resume), `trainer_state.py` (optimizer and
-RNG state without pickle), `signals.py` (SIGTERM/SIGINT), `distributed.py` (torchrun + DDP),
+RNG state without pickle), `signals.py` (SIGTERM/SIGINT), `distributed.py` (torchrun + DDP), `fsdp.py` (FSDP2 sharding and its checkpoints),
 `metrics.py` (metrics.jsonl, memory, plot), `config.py` (TrainConfig, flags, TOML/YAML),
 `model.py` (base + NF4 + LoRA), `sft.py` (run_sft), `cli.py` (`anita sft`). See docs/training.md.
 """

@@ -7,6 +7,9 @@
                                                         their quantization maps)
                                trainer_state.json       optimizer and scheduler state (tensors by name)
                                rng-rank{R}.safetensors  each process's RNG states (uint8 tensors)
+                               dcp/                     --fsdp: each process's shards of the adapter and
+                                                        optimizer state (torch.distributed.checkpoint);
+                                                        then optimizer.safetensors holds only the scheduler's
                                state.json               step (the data position), world_size
                                manifest.json            the sha256 of every file above
       metrics.jsonl, training_curves.png, adapter/ (the final adapter)
@@ -39,12 +42,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from anita.errors import AnitaError
 from anita.files import replace_dir, save_safetensors, write_json
 from anita.lora import load_lora_state_dict, lora_state_dict, save_adapter
 from anita.train.config import differences
 from anita.train.distributed import DistInfo, all_reduce_sum, barrier
+from anita.train.fsdp import DCP_DIR, full_adapter, is_sharded, load_sharded, local, save_sharded
 from anita.train.tracking import TENSORBOARD_DIR
 from anita.train.trainer_state import check_optimizer_state, from_tree, rng_tensors, set_rng_tensors, to_tree
 
@@ -59,8 +64,9 @@ STEP_DIR = re.compile(r"step-(\d+)")
 # a new run may clear it.
 EARLY_RUN_FILES = {RUN_FILE, "checkpoints", "metrics.jsonl", "training_curves.png", "dpo_curves.png", ".tmp-adapter",
                    TENSORBOARD_DIR}
-# run.json fields that are not settings of the run: where it lives, where a cache lives.
-NOT_SETTINGS = {"output", "reference_cache"}
+# run.json fields that are not settings of the run: where it lives, where a cache lives, and what
+# each process held of the base under --fsdp (`anita.train.fsdp.base_bytes`).
+NOT_SETTINGS = {"output", "reference_cache", "sharding"}
 # Fields naming a file or directory (or a Hub id): compared by what they point to, not their spelling.
 PATH_FIELDS = ("model", "data", "eval_data", "adapter")
 
@@ -187,6 +193,11 @@ def prepare_run_dir(config: dict, output, resume: bool, info: DistInfo, defaults
     return out
 
 
+def record_in_run_file(out: Path, key: str, value) -> None:
+    """Add `key` (one of NOT_SETTINGS) to OUTPUT/run.json (rank 0)."""
+    write_json(out / RUN_FILE, {**read_run_file(out / RUN_FILE), key: value})
+
+
 # ------------------------------------------------------------------------------- listing
 def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, dir), oldest first (temporary and set-aside dirs are never listed)."""
@@ -218,14 +229,26 @@ def write_guarded(path: Path, write) -> None:
 
 
 def write_rank_files(tmp: Path, step: int, model, optimizer, scheduler, info: DistInfo, base_model) -> None:
-    """This process's files of a checkpoint: its RNG; on rank 0 also adapter, optimizer, state."""
+    """This process's files of a checkpoint: its RNG; on rank 0 also adapter, optimizer, state.
+    A sharded model: every process also writes its shards into dcp/, and the adapter is gathered
+    for rank 0 to write; both are collectives, so they come before any write that could fail on
+    one process alone."""
+    sharded = is_sharded(model)
+    if sharded:
+        try:
+            save_sharded(tmp / DCP_DIR, model, optimizer)
+        except CheckpointException as e:  # raised on every process when any failed
+            raise CheckpointWriteError(tmp / DCP_DIR, e) from None
+        adapter = full_adapter(model)
     write_guarded(tmp / rng_file(info.rank), lambda: save_safetensors(rng_tensors(), tmp / rng_file(info.rank)))
     if not info.is_main:
         return
-    write_guarded(tmp / "adapter", lambda: save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model))
+    write_guarded(tmp / "adapter", lambda: save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model,
+                                                        tensors=adapter if sharded else None))
     tensors: dict[str, torch.Tensor] = {}
-    tree = {"optimizer": to_tree(optimizer.state_dict(), tensors, "optimizer"),
-            "scheduler": to_tree(scheduler.state_dict(), tensors, "scheduler")}
+    tree = {"scheduler": to_tree(scheduler.state_dict(), tensors, "scheduler")}
+    if not sharded:
+        tree["optimizer"] = to_tree(optimizer.state_dict(), tensors, "optimizer")
     write_guarded(tmp / OPTIMIZER_FILE, lambda: save_safetensors(tensors, tmp / OPTIMIZER_FILE))
     write_guarded(tmp / TRAINER_FILE, lambda: write_json(tmp / TRAINER_FILE, tree))
     write_guarded(tmp / STATE_FILE, lambda: write_json(tmp / STATE_FILE, {"step": step, "world_size": info.world_size}))
@@ -357,10 +380,14 @@ def read_checkpoint(path: Path, model, optimizer, info: DistInfo) -> dict:
     trainer = read_json(path / TRAINER_FILE)
     tensors = read_tensors(path / OPTIMIZER_FILE)
     where = str(path / TRAINER_FILE)
+    sharded = is_sharded(model)  # then the optimizer state is in dcp/, loaded by `apply_checkpoint`
+    if sharded and f"{DCP_DIR}/.metadata" not in read_json(path / MANIFEST_FILE)["sha256"]:
+        raise DamagedCheckpoint(f"{path / MANIFEST_FILE}: does not list {DCP_DIR}/.metadata (the sharded state)")
     try:
-        optim_state = from_tree(trainer.get("optimizer"), tensors, where)
+        optim_state = None if sharded else from_tree(trainer.get("optimizer"), tensors, where)
         scheduler_state = from_tree(trainer.get("scheduler"), tensors, where)
-        check_optimizer_state(optim_state, optimizer, where)
+        if not sharded:
+            check_optimizer_state(optim_state, optimizer, where)
     except AnitaError as e:
         raise DamagedCheckpoint(str(e)) from None
     except RecursionError:
@@ -374,10 +401,14 @@ def read_checkpoint(path: Path, model, optimizer, info: DistInfo) -> dict:
 
 # ------------------------------------------------------------------------------------ load
 def apply_checkpoint(path: Path, loaded: dict, model, optimizer, scheduler) -> None:
-    """Put what `read_checkpoint` returned into the run (all of it: a later one replaces all)."""
-    load_lora_state_dict(model, loaded["adapter"])
+    """Put what `read_checkpoint` returned into the run (all of it: a later one replaces all); a
+    sharded model's adapter and optimizer shards come from dcp/ (every process calls this)."""
     try:
-        optimizer.load_state_dict(loaded["optimizer"])
+        if is_sharded(model):
+            load_sharded(path / DCP_DIR, model, optimizer)
+        else:
+            load_lora_state_dict(model, loaded["adapter"])
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise DamagedCheckpoint(f"{path / TRAINER_FILE}: does not fit this run's optimizer ({e})") from None
@@ -388,8 +419,16 @@ def apply_checkpoint(path: Path, loaded: dict, model, optimizer, scheduler) -> N
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo) -> int:
-    """Verify checkpoint `path`, then restore adapter, optimizer, scheduler and this rank's RNG; returns the step."""
-    loaded = read_checkpoint(path, model, optimizer, info)
+    """Verify checkpoint `path`, then restore adapter, optimizer, scheduler and this rank's RNG; returns the step.
+    A sharded model loads only a checkpoint that every process verified (the load is a collective)."""
+    try:
+        loaded, error = read_checkpoint(path, model, optimizer, info), None
+    except DamagedCheckpoint as e:
+        loaded, error = None, e
+    if is_sharded(model) and all_reduce_sum(torch.tensor([float(error is not None)]), info).item() > 0:
+        error = error or DamagedCheckpoint(f"{path}: another process found it damaged")
+    if error is not None:
+        raise error
     apply_checkpoint(path, loaded, model, optimizer, scheduler)
     return loaded["step"]
 
@@ -444,6 +483,10 @@ def export_adapter(checkpoint: Path, out: Path) -> Path:
     return final
 
 
-def adapter_is_finite(model) -> bool:
-    """True when every adapter weight is finite (a checkpoint of NaN weights is not 'good')."""
-    return all(torch.isfinite(t).all() for t in lora_state_dict(model).values())
+def adapter_is_finite(model, info: DistInfo | None = None) -> bool:
+    """True when every adapter weight is finite (a checkpoint of NaN weights is not 'good'); a
+    sharded model's processes (`info` is then needed) check their shards and agree."""
+    bad = sum(not torch.isfinite(local(t)).all() for t in lora_state_dict(model).values())
+    if is_sharded(model):
+        bad = all_reduce_sum(torch.tensor([float(bad)]), info).item()
+    return bad == 0

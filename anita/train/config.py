@@ -108,6 +108,9 @@ class TrainConfig:
     fused_projections: bool = flag(False, "run the frozen q/k/v and gate/up base weights as one matmul each "
                                           "(equal to the plain path up to rounding; checkpoints keep HF's names)")
     device: str = flag("cpu", "cpu or cuda (under torchrun, cuda means cuda:LOCAL_RANK)")
+    fsdp: bool = flag(False, "under torchrun, shard the frozen base, the adapter and its optimizer state over the "
+                             "processes (FSDP2, one group per decoder block) instead of copying the model to each "
+                             "(DDP); docs/distributed.md")
     # ------------------------------------------------------------------------------- data
     max_length: int = flag(1024, "longest sequence in tokens; longer rows are cut at the end (TRL's default)")
     packing: bool = flag(False, "pack several examples into each row (attention never crosses them); with "
@@ -196,6 +199,7 @@ class TrainConfig:
         if "bf16" in (self.precision, self.head_dtype, self.adapter_dtype):
             check_bf16_device(self.device, f"{source}: bf16 on device {self.device}")
         check_report_to(self.report_to, source)
+        check_fsdp_settings(self, source)
         if self.adapter:
             unused = [n for n in FRESH_ADAPTER_FIELDS if n in given or getattr(self, n) != field_default(type(self), n)]
             if unused:
@@ -217,6 +221,19 @@ def checkpoint_mode(cfg: TrainConfig, source: str = "config", given: set[str] = 
         raise AnitaError(f"{source}: gradient_checkpointing = {str(cfg.gradient_checkpointing).lower()} contradicts "
                          f"checkpointing = {cfg.checkpointing}; keep only checkpointing")
     return cfg.checkpointing
+
+
+def check_fsdp_settings(cfg: TrainConfig, source: str = "config") -> None:
+    """AnitaError for what a sharded (--fsdp) run cannot do here: bitsandbytes' 8-bit optimizers
+    update plain tensors, not FSDP's sharded DTensors; the fused projections (a shortcut beside the
+    plain path) are not held equal to it over sharded weights."""
+    if not cfg.fsdp:
+        return
+    if cfg.optimizer != "adamw":
+        raise AnitaError(f"{source}: fsdp needs optimizer adamw (torch's, which updates sharded tensors); "
+                         f"{cfg.optimizer} from bitsandbytes cannot: drop --optimizer {cfg.optimizer} or --fsdp")
+    if cfg.fused_projections:
+        raise AnitaError(f"{source}: fused_projections is not supported with fsdp; drop --fused-projections or --fsdp")
 
 
 def check_held_out(cfg: TrainConfig, source: str = "config") -> None:

@@ -46,6 +46,7 @@ from anita.runtime import eval_mode
 from anita.train import checkpoint as ckpt
 from anita.train.config import TrainConfig
 from anita.train.distributed import DistInfo, all_reduce_sum, maybe_no_sync, wrap_ddp
+from anita.train.fsdp import check_fsdp, whole
 from anita.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, peak_memory_mb, plot_metrics, progress_bar
 from anita.train.optim import build_optimizer, build_scheduler, optimizer_for, warmup_steps_for
 from anita.train.signals import StopSignals
@@ -94,6 +95,8 @@ def plan_run(cfg: TrainConfig, per_epoch: int, info: DistInfo, eval_per_epoch: i
         budget = "--max-tokens" if cfg.max_tokens is not None else "--batch-size"  # what sizes the micro-batches
         raise AnitaError(f"--eval-data gives {eval_per_epoch} micro-batch(es); each of the {info.world_size} processes "
                          f"needs at least one: lower {budget} or add held-out rows")
+    if cfg.fsdp:
+        check_fsdp(info)
     steps = total_steps(cfg, per_epoch, info.world_size)
     return RunPlan(steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio),
                    optimizer_for(cfg.optimizer, info.device), per_epoch)
@@ -109,9 +112,10 @@ def describe(plan: RunPlan, cfg: TrainConfig, info: DistInfo, unit: str) -> str:
     model = "NF4 base (QLoRA)" if cfg.qlora else "full-precision base"
     adapter = f"the adapter {cfg.adapter}" if cfg.adapter else f"a fresh LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g}"
     optimizer = plan.optimizer + (f" ({cfg.optimizer} pages only on CUDA)" if plan.optimizer != cfg.optimizer else "")
+    sharded = " sharding the model (FSDP)" if cfg.fsdp else ""
     line = (f"{plan.steps} steps of {batch} {unit} ({per_micro_batch} x {cfg.grad_accum} accumulated "
-            f"x {info.world_size} process(es); {plan.per_epoch} micro-batches per epoch); warm-up {plan.warmup} "
-            f"steps, then {cfg.scheduler}; {optimizer}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
+            f"x {info.world_size} process(es){sharded}; {plan.per_epoch} micro-batches per epoch); "
+            f"warm-up {plan.warmup} steps, then {cfg.scheduler}; {optimizer}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
             f"max_length {cfg.max_length}; {model} with {adapter}; {cfg.precision} compute, {cfg.head_dtype} "
             f"head, {cfg.adapter_dtype} adapters")
     if plan.warmup and plan.warmup >= plan.steps:
@@ -177,14 +181,15 @@ def finish_gradients(params: list[nn.Parameter], total_count: float, max_grad_no
                      info: DistInfo) -> float:
     """Turn summed gradients into the gradient of the step's mean loss, clip, return the norm.
 
-    DDP already averaged the sums over the n processes, so the factor is n / total count.
+    DDP (or FSDP's reduce-scatter) already averaged the sums over the n processes, so the factor
+    is n / total count. Under FSDP the gradients are shards and the norm is of the whole gradient.
     """
     scale = info.world_size / max(total_count, 1.0)
     for p in params:
         if p.grad is not None:
             p.grad.mul_(scale)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    return float(norm)
+    return float(whole(norm))
 
 
 def train_step(runner, data, step: int, params, optimizer, scheduler, cfg: TrainConfig, info: DistInfo) -> dict:
@@ -220,15 +225,20 @@ def check_finite(record: dict, last_checkpoint) -> None:
 @torch.no_grad()
 def evaluate(module: LossModule, data, cfg: TrainConfig, info: DistInfo) -> tuple[float, dict]:
     """Mean loss per unit over one pass of `data` (each process takes every n-th micro-batch), and
-    the loss function's metrics averaged the same way (count-weighted; DPO's reward accuracy)."""
+    the loss function's metrics averaged the same way (count-weighted; DPO's reward accuracy).
+    A sharded model's forward is a collective, so with --fsdp a process short of one micro-batch
+    (n does not divide the count) runs its last one again and leaves the result out."""
     sums = torch.zeros(2, dtype=torch.float64)
     weighted: dict[str, list[float]] = {}
+    mine = list(range(info.rank, data.per_epoch, info.world_size))
+    forwards = math.ceil(data.per_epoch / info.world_size) if cfg.fsdp else len(mine)
     with eval_mode(module):  # no dropout
-        for i in range(info.rank, data.per_epoch, info.world_size):
+        for j in range(forwards):
             with autocast(cfg, info.device):
-                loss_sum, count, metrics = module(to_device(data[i], info.device))
-            sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
-            add_metrics(weighted, metrics, float(count))
+                loss_sum, count, metrics = module(to_device(data[mine[min(j, len(mine) - 1)]], info.device))
+            if j < len(mine):
+                sums += torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+                add_metrics(weighted, metrics, float(count))
     (loss_sum, count), metrics = reduce_metrics(sums, weighted, info)
     return loss_sum.item() / max(count.item(), 1.0), metrics
 
@@ -253,7 +263,7 @@ def resume_point(out, model, optimizer, scheduler, log: MetricsLog, info: DistIn
 
 def save(out, step, model, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, base_model, last=None):
     """Checkpoint `step`; a write that fails (a full disk) stops the run naming the file and `last`."""
-    if not ckpt.adapter_is_finite(model):
+    if not ckpt.adapter_is_finite(model, info):
         raise AnitaError(f"step {step}: the adapter holds non-finite weights; not saving it. Lower --lr and --resume")
     try:
         return ckpt.save_checkpoint(out, step, model, optimizer, scheduler, info, cfg.keep_checkpoints, base_model)
@@ -287,7 +297,7 @@ def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistI
     # --report-to (rank 0): the trackers get every record appended from here on; resumed, from step start + 1
     trackers = open_trackers(cfg.report_to, out, start + 1 if start else 0, cfg.to_dict()) if info.is_main else []
     module = LossModule(model, loss_fn)
-    runner = wrap_ddp(module, info)
+    runner = module if cfg.fsdp else wrap_ddp(module, info)  # a sharded model communicates itself
     module.train()
     with log.tracking(trackers):
         if eval_data is not None and start == 0:

@@ -17,9 +17,10 @@ from anita.lora.model import OUTPUT_LAYER, check_wrappable, find_targets
 from anita.lora.pretrained import read_adapter_for
 from anita.model import from_pretrained, model_skeleton
 from anita.model.fused import set_fused_projections
-from anita.train.checkpoint import prepare_run_dir
+from anita.train.checkpoint import prepare_run_dir, record_in_run_file
 from anita.train.config import TrainConfig, checkpoint_mode
-from anita.train.distributed import DistInfo
+from anita.train.distributed import DistInfo, barrier
+from anita.train.fsdp import shard_model
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
@@ -52,11 +53,13 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo):
 
     The LoRA init is seeded with --seed, so every process starts from the same adapter.
     With `cfg.adapter` (a PEFT adapter directory) that adapter is loaded and trained further instead
-    of a fresh one.
+    of a fresh one. With `cfg.fsdp` the model loads on the CPU, for `start_run` to shard it over
+    the processes, each shard moving to its process's device (`anita.train.fsdp.shard_model`).
     """
     dtype = PRECISIONS[cfg.precision]
     quant = {"quantize": "nf4", "quantize_kwargs": {"compute_dtype": dtype}} if cfg.qlora else {}
-    model = from_pretrained(cfg.model, dtype=dtype, device=info.device, **quant)
+    device = torch.device("cpu") if cfg.fsdp else info.device  # the whole model never sits on one GPU
+    model = from_pretrained(cfg.model, dtype=dtype, device=device, **quant)
     model.checkpointing = checkpoint_mode(cfg)
     model.head_dtype = None if cfg.head_dtype == "fp32" else PRECISIONS[cfg.head_dtype]
     torch.manual_seed(cfg.seed)
@@ -71,10 +74,19 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo):
 def start_run(cfg: TrainConfig, info: DistInfo):
     """(run directory, trainable model), once the data and the plan have been checked: the model's
     fit (--targets, --adapter) against its config.json first, then the run directory, then the load,
-    the first costly step. Shared by `run_sft` and `run_dpo`, so a bad setting never leaves a run.json."""
+    the first costly step. Shared by `run_sft` and `run_dpo`, so a bad setting never leaves a run.json.
+    With --fsdp the model is then sharded, and run.json records what each process holds of the base."""
     check_model_fits(cfg)
     out = prepare_run_dir(cfg.to_dict(), cfg.output, cfg.resume, info, defaults=type(cfg)().to_dict())
     model, report = load_trainable_model(cfg, info)
     if info.is_main:
         print(report, flush=True)
+    if cfg.fsdp:
+        sharding = shard_model(model, info)
+        if info.is_main:
+            record_in_run_file(out, "sharding", sharding)
+            mib = ", ".join(f"{b / 2**20:.2f}" for b in sharding["base_bytes_per_rank"])
+            print(f"fsdp: the base ({sharding['base_bytes'] / 2**20:.2f} MiB) sharded over {info.world_size} "
+                  f"processes: {mib} MiB each", flush=True)
+        barrier(info)
     return out, model

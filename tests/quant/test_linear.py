@@ -221,3 +221,23 @@ def test_dequantize_for_matmul_is_bit_equal_to_dequantize(compute_dtype):
     layer = Linear4bit.from_linear(linear, compute_dtype=compute_dtype, backend="bnb")
     assert torch.equal(layer.dequantize_for_matmul(), layer.dequantize())
     assert layer.dequantize_for_matmul().dtype == compute_dtype
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("bnb", marks=needs_bnb)])
+def test_held_as_parameters_the_layer_computes_and_saves_the_same(backend):
+    """`hold_as_parameters` (for FSDP2, which shards parameters only): the packed codes and the block
+    scales become frozen uint8 parameters, held once; forward, dequantize and the state_dict are
+    those of the layer with buffers, bit for bit, and no gradient reaches them."""
+    layer = Linear4bit.from_linear(_linear(), backend=backend)
+    before, x = layer.state_dict(), _x().requires_grad_()
+    y = layer(x)
+    layer.hold_as_parameters()
+    params = dict(layer.named_parameters())
+    assert set(params) == {"weight", "absmax"} and not any(p.requires_grad for p in params.values())
+    assert params["weight"].dtype == params["absmax"].dtype == torch.uint8 and layer.state.absmax is None
+    assert list(layer.buffers()) == []
+    after = layer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    layer(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in params.values())
