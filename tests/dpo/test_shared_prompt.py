@@ -182,7 +182,8 @@ def test_every_paired_loss_gives_the_same_loss_metrics_and_gradients(loss_type):
         loss_sum.backward()
         results.append((loss_sum.detach(), count, metrics, [p.grad.clone() for p in lora_parameters(model)]))
     (l1, n1, m1, g1), (l2, n2, m2, g2) = results
-    assert n1 == n2 == len(pairs) and close(l1, l2)
+    # the loss sum in fp32, relative to its size (sppo_hard's squared terms sum to ~9: rounding ~1e-5 there)
+    assert n1 == n2 == len(pairs) and close(l1, l2, atol=ATOL * max(1.0, abs(l2.item())))
     assert m1.keys() == m2.keys() and all(close(m1[k], m2[k]) for k in m1), (m1, m2)
     assert all(grads_close(a, b) for a, b in zip(g1, g2))
 

@@ -169,7 +169,8 @@ def test_real_smollm2_round_trips_with_peft(smollm2, smollm2_dir, tmp_path):
         save_adapter(ours, tmp_path / "anita")
         again = PeftModel.from_pretrained(_hf(smollm2_dir), tmp_path / "anita").eval()
         second = ours(ids)
-        torch.testing.assert_close(again(ids).logits, second, atol=1e-4, rtol=0)
+        # fp32 logits of a 30-layer model summed in two libraries' orders: up to 1.4e-4 apart on an AVX2 CPU
+        torch.testing.assert_close(again(ids).logits, second, atol=3e-4, rtol=0)
     assert (second - first).abs().max() > 1e-3  # the second adapter really differs
 
 
