@@ -120,8 +120,10 @@ def flash_applies(q: torch.Tensor) -> bool:
     return varlen_attn is not None and q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
 
 
-def attend_varlen(q, k, v, spans: Spans, kernel=flash_varlen) -> torch.Tensor:
-    """The attention `Spans` describe as one varlen call: q (B, H, T, E), k and v (B, K, T, E) -> (B, H, T, E)."""
+def attend_varlen(q, k, v, spans: Spans, kernel=None) -> torch.Tensor:
+    """The attention `Spans` describe as one varlen call of `kernel` (default `flash_varlen`; the tests
+    pass `varlen_reference`): q (B, H, T, E), k and v (B, K, T, E) -> (B, H, T, E)."""
+    kernel = kernel or flash_varlen
     B, H, T, E = q.shape
     layout = varlen_layout(spans, T, q.device)
     qf, kf, vf = (t.transpose(1, 2).reshape(B * T, t.shape[1], E) for t in (q, k, v))  # (B·T, ., E)

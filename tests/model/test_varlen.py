@@ -126,3 +126,32 @@ def test_flash_varlen_on_cuda_equals_the_reference_and_the_mask_path(spans):
     for other in results[1:]:
         for got, expected in zip(results[0], other):
             torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["off", "full", "selective"])
+def test_qlora_model_on_cuda_runs_varlen_over_spans_and_equals_the_mask(monkeypatch, mode):
+    """A bf16 QLoRA model on CUDA over shared-prompt rows calls FlashAttention's varlen kernel (once
+    per block and per recomputation; no (T, T) mask) and gives the mask path's hidden states and
+    LoRA gradients to bf16 rounding, in every checkpointing mode."""
+    from anita.lora import lora_parameters
+    from tests.conftest import tiny_lora_model
+
+    calls, flash = [], varlen.flash_varlen
+    monkeypatch.setattr(varlen, "flash_varlen", lambda *a: calls.append(1) or flash(*a))
+    model = tiny_lora_model(torch.bfloat16).to("cuda", torch.bfloat16)
+    model.checkpointing = mode
+    spans = Spans((((0, 4, 9, 12),), ((0, 5), (5, 12))))
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    positions = torch.tensor([list(range(9)) + [4, 5, 6], list(range(5)) + list(range(7))]).cuda()
+    real = spans.mask(12).diagonal(dim1=1, dim2=2)[..., None].cuda()
+    results = []
+    for mask in (spans, spans.mask(12).cuda()):
+        model.zero_grad()
+        hidden = model.hidden_states(ids, mask, positions) * real
+        hidden.float().square().sum().backward()
+        results.append([hidden.detach().float()] + [p.grad.float() for p in lora_parameters(model)])
+    assert calls, "FlashAttention's varlen kernel was not called"
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2 * max(1.0, expected.abs().max().item()))
+
