@@ -18,7 +18,7 @@ from anita.lora.pretrained import read_adapter_for
 from anita.model import from_pretrained, model_skeleton
 from anita.model.fused import set_fused_projections
 from anita.train.checkpoint import prepare_run_dir
-from anita.train.config import TrainConfig, checkpoint_mode
+from anita.train.config import TrainConfig
 from anita.train.distributed import DistInfo
 
 
@@ -57,7 +57,7 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo):
     dtype = PRECISIONS[cfg.precision]
     quant = {"quantize": "nf4", "quantize_kwargs": {"compute_dtype": dtype}} if cfg.qlora else {}
     model = from_pretrained(cfg.model, dtype=dtype, device=info.device, **quant)
-    model.checkpointing = checkpoint_mode(cfg)
+    model.checkpointing = cfg.checkpointing
     model.head_dtype = None if cfg.head_dtype == "fp32" else PRECISIONS[cfg.head_dtype]
     torch.manual_seed(cfg.seed)
     if cfg.adapter:
