@@ -157,9 +157,12 @@ def test_the_readme_file_map_lists_every_module_and_nothing_stale():
 LAYERS = {"quant": 0, "model": 1, "lora": 2, "train": 3, "eval": 3, "export": 3, "dpo": 4}
 
 
+def _package(module: str) -> str | None:
+    return module.split(".")[1] if module.count(".") else None
+
+
 def test_no_package_imports_a_layer_above_it():
-    package = lambda module: module.split(".")[1] if module.count(".") else None  # noqa: E731
     upward = sorted((a, b) for a, targets in import_graph().items() for b in targets
-                    if package(a) in LAYERS and package(b) in LAYERS
-                    and package(a) != package(b) and LAYERS[package(b)] >= LAYERS[package(a)])
+                    if _package(a) in LAYERS and _package(b) in LAYERS
+                    and _package(a) != _package(b) and LAYERS[_package(b)] >= LAYERS[_package(a)])
     assert upward == []

@@ -12,7 +12,12 @@ from anita.errors import AnitaError
 from anita.hub import resolve_model_dir
 from anita.lora import load_for_inference, merge_to_directory
 from anita.model.config import LlamaConfig
-from anita.model.generate import check_sampling, generate, room_in_context, stream_printer
+from anita.model.generate import (
+    check_sampling,
+    generate,
+    room_in_context,
+    stream_printer,
+)
 from anita.model.tokenizer import Tokenizer
 
 
