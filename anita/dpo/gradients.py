@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from anita.dpo.beyond_dpo import SIMPO_GAMMA, as_math, check_preference_args, orpo_log_odds_ratio
-from anita.dpo.loss import DISCOPOP_TAU, PreferenceBatch, check_loss_args, preference_batch
+from anita.dpo.loss import DISCOPOP_TAU, PreferenceBatch, preference_batch
 
 sig = torch.sigmoid
 
@@ -159,12 +159,9 @@ def dpo_loss_gradients(policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
                        beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                        chosen_lengths=None, rejected_lengths=None, discopop_tau: float = DISCOPOP_TAU) -> Gradients:
     """∂(Σ dpo_loss(...).losses)/∂ each of the four log-probs, in closed form (same arguments as dpo_loss)."""
-    check_loss_args(loss_type, beta, label_smoothing, discopop_tau,
-                    (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
-                    (chosen_lengths, rejected_lengths))
     b = preference_batch(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                         beta=beta, label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
-                         rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
+                         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
     with torch.no_grad():
         g = GRADIENTS[loss_type](b)
     if isinstance(g, Gradients):

@@ -344,28 +344,27 @@ def dpo_loss(
     math is fp32 (fp64 for fp64 inputs). `check_loss_args` says what is accepted; `validate=False`
     skips that check (the trainer's step, whose settings were checked once, up front).
     """
-    if validate:  # a caller's arguments; the DPO trainer's were checked once, by its DPOSettings
-        check_loss_args(loss_type, beta, label_smoothing, discopop_tau,
-                        (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
-                        (chosen_lengths, rejected_lengths))
     b = preference_batch(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                         beta=beta, label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
-                         rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
+                         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
+                         rejected_lengths=rejected_lengths, discopop_tau=discopop_tau, validate=validate)
     pi_logratios = b.policy_chosen - b.policy_rejected  # log πθ(y_w|x) − log πθ(y_l|x)  [B]
     ref_logratios = b.ref_chosen - b.ref_rejected  # log π_ref(y_w|x) − log π_ref(y_l|x)  [B]
     logits = beta * (pi_logratios - ref_logratios)  # β h, what σ reads in Eq. 7  [B]
     losses = LOSSES[loss_type](b, logits)  # e.g. sigmoid −log σ(logits), hinge max(0, 1 − logits)  [B]
-    chosen_rewards = (beta * (b.policy_chosen - b.ref_chosen)).detach()  # r_w = β ρ_w (Eq. 5)  [B]
-    rejected_rewards = (beta * (b.policy_rejected - b.ref_rejected)).detach()  # r_l = β ρ_l  [B]
+    chosen_rewards = implicit_rewards(b.policy_chosen, b.ref_chosen, beta)  # r_w = β ρ_w (Eq. 5)  [B]
+    rejected_rewards = implicit_rewards(b.policy_rejected, b.ref_rejected, beta)  # r_l = β ρ_l  [B]
     return losses, chosen_rewards, rejected_rewards
 
 
 def preference_batch(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                     beta: float, label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None,
-                     discopop_tau: float = DISCOPOP_TAU) -> PreferenceBatch:
-    """`dpo_loss`'s arguments (checked by the caller) in the compute dtype, references detached (zeros
-    when None), lengths clamped at 1: what every loss (and `anita.dpo.gradients`) reads."""
+                     beta: float, loss_type: str, label_smoothing: float = 0.0, chosen_lengths=None,
+                     rejected_lengths=None, discopop_tau: float = DISCOPOP_TAU, validate: bool = True) -> PreferenceBatch:
+    """`dpo_loss`'s arguments, checked (unless `validate=False`: the trainer's, checked once by its
+    `DPOSettings`), in the compute dtype, references detached (zeros when None), lengths clamped at 1:
+    what every loss (and `anita.dpo.gradients`) reads."""
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if validate:
+        check_loss_args(loss_type, beta, label_smoothing, discopop_tau, logps, (chosen_lengths, rejected_lengths))
     dtype = math_dtype(*(t for t in logps if t is not None))
     policy_chosen, policy_rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     if ref_chosen_logps is None:  # reference-free: log π_ref = 0

@@ -333,6 +333,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
                                  f"--no-{alias.replace('_', '-')} is --{name} {meaning[False]}")
 
 
+def add_config_command(subparsers, name: str, cls, func, help: str, description: str) -> argparse.ArgumentParser:
+    """The subcommand `anita NAME`, whose flags are the fields of `cls` (`add_config_arguments`), run by `func(args)`."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_config_arguments(parser, cls)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):
     """Defaults, then the `--config` file, then the flags given; validated. A flag wins over the file
     also where fields depend on each other: a flag setting one field of an `EXCLUSIVE_PAIRS` pair drops
