@@ -160,14 +160,15 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = base(x) + scale · B(A(dropout(x))) (Hu et al. §4.1): x (B, T, I) -> y (B, T, O).
 
-        `update` is the second term. Where `lean.applies` (plain LoRA, the default `lean`), the same
-        sum comes from `anita.lora.lean` instead: one autograd node, less memory; tests hold it equal."""
+        `update` is the second term. Where `lean.applies` (plain LoRA, with the switch `lean` on, the
+        default), the same sum comes from `anita.lora.lean`: one autograd node, less memory, held equal
+        to this line by tests/lora/test_lean.py."""
         if self.disabled:
             return self.base_layer(x)
         if lean.applies(self):
             return lean.forward(self, x)
         y = self.base_layer(x)
-        return y + self.update(x, y)
+        return y + self.update(x, y)  # base(x) + scale · B(A(dropout(x))), the update in y's dtype
 
     def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + the update, where y = base(x) (B, T, O) was computed by the caller (a fused matmul of

@@ -8,7 +8,8 @@ References: Touvron et al. 2023 (LLaMA), Meta's `llama/model.py`, the Llama 3 he
 
 Layout: parameter names equal Hugging Face's `LlamaForCausalLM` keys, and q/k rows use HF's
 "rotate half" RoPE layout (Meta's original checkpoints interleave pairs instead; see
-`anita.model.gguf` for the conversion). Loading and saving live in `anita.model.checkpoint`.
+`anita.model.gguf` for the conversion). Loading and saving live in `anita.model.checkpoint`, and what
+backward recomputes (`Llama.checkpointing`) in `anita.model.activation_checkpointing`.
 `PROJECTIONS` names the seven linears of a block, the default targets of NF4 and LoRA.
 
 Shapes: B batch, T new tokens (queries), S keys (cache + new), D model dim, H heads,
