@@ -132,7 +132,7 @@ def answers(model_path: str, device: str, new_tokens: int) -> list[str]:
 def common_settings(plan: Plan, device: str, steps: int) -> dict:
     """Settings every stage shares: QLoRA in bf16 compute (the recipe's) with fp32 adapters and head (many
     CPUs have no native bf16, so those matmuls would be slower in bf16), evaluations at start and end."""
-    return dict(qlora=True, precision="bf16", head_dtype="fp32", adapter_dtype="fp32", gradient_checkpointing=False,
+    return dict(qlora=True, precision="bf16", head_dtype="fp32", adapter_dtype="fp32", checkpointing="off",
                 device=device,
                 batch_size=plan.batch_size, grad_accum=1, max_length=plan.max_length, max_steps=steps,
                 eval_steps=steps, warmup_steps=1, save_steps=10_000, keep_checkpoints=1, optimizer="adamw",

@@ -71,13 +71,14 @@ def set_keep_attention(on: bool, w=None) -> None:
     """Full checkpointing keeps attention's outputs (torch's selective policy, attention ops only)
     instead of rerunning SDPA's forward in backward (a probe: benchmarks/RESULTS.md, third pass)."""
     import anita.model.llama as llama
+    from anita.model.activation_checkpointing import _ATTENTION
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     plain = getattr(llama, "_ab_plain_checkpoint_block", llama.checkpoint_block)
     llama._ab_plain_checkpoint_block = plain
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in llama._ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
 
     def keep_attention(block, mode, x, cos, sin, mask):
         if mode != "full":

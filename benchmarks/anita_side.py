@@ -141,8 +141,8 @@ def sft_train_step(model, opt, batch: dict, info: dict, chunk_size: int):
 def dpo_step(path, w: Workload, recipe: bool = False):
     """`anita.dpo.trainer.dpo_step` with the adapters-off reference (`AdaptersOff`); `recipe`: the
     recipe-shaped batch (`recipe_preference_batch`), right-padded, no attention mask needed."""
+    from anita.dpo.config import DPOSettings
     from anita.dpo.reference import AdaptersOff
-    from anita.dpo.trainer import DPOSettings
     from anita.dpo.trainer import dpo_step as anita_dpo_step
 
     model, opt = qlora_model(path, w)

@@ -150,3 +150,19 @@ def test_the_readme_file_map_lists_every_module_and_nothing_stale():
     assert [m for m in sorted(modules) if f"`{m}`" not in readme] == []
     listed = {m.group(1) for m in re.finditer(r"`(anita/[\w/]+\.py)`", readme)}
     assert [f for f in sorted(listed) if not (ROOT.parent / f).exists()] == []
+
+
+# The packages in layers, lowest first: each imports only from layers below it (and the shared
+# top-level modules), so `anita.model` never reaches up into LoRA, nor LoRA into training.
+LAYERS = {"quant": 0, "model": 1, "lora": 2, "train": 3, "eval": 3, "export": 3, "dpo": 4}
+
+
+def _package(module: str) -> str | None:
+    return module.split(".")[1] if module.count(".") else None
+
+
+def test_no_package_imports_a_layer_above_it():
+    upward = sorted((a, b) for a, targets in import_graph().items() for b in targets
+                    if _package(a) in LAYERS and _package(b) in LAYERS
+                    and _package(a) != _package(b) and LAYERS[_package(b)] >= LAYERS[_package(a)])
+    assert upward == []

@@ -9,7 +9,7 @@ from anita.train.config import TrainConfig, read_config_file
 
 RECIPES = files("anita") / "recipes"
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COMMON = {"qlora": True, "precision": "bf16", "lora_dropout": 0.0, "targets": SEVEN, "gradient_checkpointing": True,
+COMMON = {"qlora": True, "precision": "bf16", "lora_dropout": 0.0, "targets": SEVEN, "checkpointing": "full",
           "epochs": 1, "scheduler": "linear"}
 
 

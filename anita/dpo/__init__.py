@@ -43,7 +43,7 @@ LAZY_EXPORTS = {
     "ReferenceFree": "anita.dpo.reference",
     "precompute_reference": "anita.dpo.reference",
     "DPOObjective": "anita.dpo.trainer",
-    "DPOSettings": "anita.dpo.trainer",
+    "DPOSettings": "anita.dpo.config",
     "dpo_step": "anita.dpo.trainer",
 }
 

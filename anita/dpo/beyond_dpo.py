@@ -10,7 +10,7 @@ line cites its paper's equation. The definitions follow TRL 1.16, which the test
 ORPO and SimPO are reference-free and read *length-normalised* log-probs: l = (1/|y|) log πθ(y|x),
 the mean over the answer's tokens. KTO reads summed log-probs of unpaired examples and a reference.
 `check_preference_args` validates every argument of these three (and, for a run's settings, of all
-17 loss types); the bodies below are the math alone. docs/preference_losses.md derives each
+17 loss types, once: `anita.dpo.config.DPOSettings`); the bodies below are the math alone. docs/preference_losses.md derives each
 gradient; `anita.dpo.gradients` holds them as code.
 
 Shapes: B batch (pairs), Bc desirable and Br undesirable examples (KTO). Every tensor here is 1-D.
@@ -36,31 +36,32 @@ SIMPO_GAMMA = 0.5  # TRL's simpo_gamma default (the paper tunes γ per model, 0.
 def check_preference_args(loss_type: str, beta: float, *, label_smoothing: float = 0.0,
                           discopop_tau: float = DISCOPOP_TAU, simpo_gamma: float = SIMPO_GAMMA,
                           desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                          logps: tuple | None = None, kl=None) -> None:
+                          logps: tuple | None = None, kl=None, where: str | None = None) -> None:
     """Raise `AnitaError` naming the first argument that does not fit `loss_type` (any of ALL_LOSS_TYPES).
 
     As `check_loss_args` does for DPO's 14: a knob given to a loss that would ignore it is an error
     (gamma is SimPO's, the two weights KTO's, label_smoothing SimPO's or the DPO types' that read it).
     `logps`, when given, holds the loss's log-prob tensors: (chosen, rejected) [B] each for ORPO and
     SimPO; (policy_chosen [Bc], policy_rejected [Br], ref_chosen [Bc], ref_rejected [Br]) for KTO,
-    whose `kl`, when given, must be a finite number or a one-element float tensor.
+    whose `kl`, when given, must be a finite number or a one-element float tensor. Each message starts
+    with `where` (default: the loss function's name; a run's settings pass their source).
     """
-    where = f"{loss_type}_loss" if loss_type in BEYOND_DPO else "dpo_loss"
+    where = where or (f"{loss_type}_loss" if loss_type in BEYOND_DPO else "dpo_loss")
     if loss_type not in ALL_LOSS_TYPES:
-        raise AnitaError(f"{where}: unknown loss_type {loss_type!r}; expected one of {list(ALL_LOSS_TYPES)}")
+        raise AnitaError(f"{where}: unknown loss type {loss_type!r}; expected one of {list(ALL_LOSS_TYPES)}")
     if loss_type != "simpo" and simpo_gamma != SIMPO_GAMMA:
-        raise AnitaError(f"{where}: simpo_gamma is only used by loss_type 'simpo', not {loss_type!r}")
+        raise AnitaError(f"{where}: simpo_gamma is only used by loss 'simpo', not {loss_type!r}")
     if loss_type != "kto" and (desirable_weight, undesirable_weight) != (1.0, 1.0):
-        raise AnitaError(f"{where}: desirable_weight and undesirable_weight are only used by loss_type 'kto', "
+        raise AnitaError(f"{where}: desirable_weight and undesirable_weight are only used by loss 'kto', "
                          f"not {loss_type!r}")
     if loss_type in LOSS_TYPES:
-        check_loss_args(loss_type, beta, label_smoothing, discopop_tau)
+        check_loss_args(loss_type, beta, label_smoothing, discopop_tau, where=where)
         return
     check_number(f"{where}: beta", beta, 0, low_open=True)
     if discopop_tau != DISCOPOP_TAU:
-        raise AnitaError(f"{where}: discopop_tau is only used by loss_type 'discopop', not {loss_type!r}")
+        raise AnitaError(f"{where}: discopop_tau is only used by loss 'discopop', not {loss_type!r}")
     if loss_type != "simpo" and label_smoothing != 0.0:
-        raise AnitaError(f"{where}: loss_type {loss_type!r} does not use label_smoothing (got {label_smoothing})")
+        raise AnitaError(f"{where}: loss {loss_type!r} does not use label_smoothing (got {label_smoothing})")
     if not 0.0 <= label_smoothing <= 1.0:
         raise AnitaError(f"{where}: label_smoothing must lie in [0, 1], got {label_smoothing}")
     if not (math.isfinite(simpo_gamma) and simpo_gamma >= 0):
@@ -82,17 +83,14 @@ def _is_scalar(x) -> bool:
 
 def _check_logps(where: str, loss_type: str, logps: tuple) -> None:
     """ORPO/SimPO: two [B] tensors of one shape. KTO: chosen pair [Bc], rejected pair [Br], not both empty."""
-    try:
-        if loss_type in REFERENCE_FREE:
-            shape = check_vector("policy_chosen_logps", logps[0])
-            check_vector("policy_rejected_logps", logps[1], shape)
-            return
-        chosen = check_vector("policy_chosen_logps", logps[0])
-        rejected = check_vector("policy_rejected_logps", logps[1])
-        check_vector("ref_chosen_logps", logps[2], chosen)
-        check_vector("ref_rejected_logps", logps[3], rejected)
-    except AnitaError as e:
-        raise AnitaError(str(e).replace("dpo_loss:", f"{where}:", 1)) from None
+    if loss_type in REFERENCE_FREE:
+        shape = check_vector("policy_chosen_logps", logps[0], where=where)
+        check_vector("policy_rejected_logps", logps[1], shape, where=where)
+        return
+    chosen = check_vector("policy_chosen_logps", logps[0], where=where)
+    rejected = check_vector("policy_rejected_logps", logps[1], where=where)
+    check_vector("ref_chosen_logps", logps[2], chosen, where=where)
+    check_vector("ref_rejected_logps", logps[3], rejected, where=where)
     if chosen[0] + rejected[0] == 0:
         raise AnitaError(f"{where}: no examples: both the desirable and the undesirable log-probs are empty")
 
@@ -128,7 +126,7 @@ def orpo_log_odds_ratio(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
 
 
 def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              beta: float, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ORPO's odds-ratio term β·L_OR = −β log σ(log OR). Hong et al. 2024, arXiv 2403.07691, Eqs. 6-7.
 
     -> (losses [B], chosen_rewards [B], rejected_rewards [B]). The inputs are mean per-token log-probs
@@ -137,15 +135,16 @@ def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     are β·l, detached, as TRL logs them.
     Gradient, with z = log OR: ∂L/∂l_w = −β σ(−z) / (1 − e^{l_w}), ∂L/∂l_l = +β σ(−z) / (1 − e^{l_l}).
     """
-    check_preference_args("orpo", beta, logps=(policy_chosen_logps, policy_rejected_logps))
+    if validate:  # `validate=False`: the trainer's step, whose settings were checked once
+        check_preference_args("orpo", beta, logps=(policy_chosen_logps, policy_rejected_logps))
     chosen, rejected = as_math(policy_chosen_logps, policy_rejected_logps)
     losses = -beta * F.logsigmoid(orpo_log_odds_ratio(chosen, rejected))  # Eq. 7, weighted by λ = β
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
 
 
 # ------------------------------------------------------------------------------ SimPO
-def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, beta: float,
-               gamma: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SimPO: −log σ(β l_w − β l_l − γ). Meng et al. 2024, arXiv 2405.14734, Eq. 6.
 
     -> (losses [B], chosen_rewards [B], rejected_rewards [B]). The inputs are mean per-token log-probs
@@ -154,8 +153,9 @@ def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     Rewards are β·l, detached. γ = 0 is reference-free length-normalised DPO (`sigmoid_norm`, no reference).
     Gradient: ∂L/∂l_w = −∂L/∂l_l = −β [(1 − ε) σ(−z) − ε σ(z)].
     """
-    check_preference_args("simpo", beta, label_smoothing=label_smoothing, simpo_gamma=gamma,
-                          logps=(policy_chosen_logps, policy_rejected_logps))
+    if validate:
+        check_preference_args("simpo", beta, label_smoothing=label_smoothing, simpo_gamma=gamma,
+                              logps=(policy_chosen_logps, policy_rejected_logps))
     chosen, rejected = as_math(policy_chosen_logps, policy_rejected_logps)
     z = beta * (chosen - rejected) - gamma  # Eq. 6: the reward margin minus the target margin γ
     losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
@@ -172,7 +172,7 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.T
 
 def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, kl, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, validate: bool = True):
     """KTO. Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 7 (its value function v minus λ_y):
 
       desirable y_w [Bc]:   w_d · (1 − σ(β(ρ_w − z₀)))       ρ = log πθ(y|x) − log π_ref(y|x)
@@ -185,8 +185,9 @@ def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     Gradient, with u = β(ρ_w − z₀), v = β(z₀ − ρ_l): ∂L/∂ρ_w = −w_d β σ(u)σ(−u), ∂L/∂ρ_l = +w_u β σ(v)σ(−v).
     """
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    check_preference_args("kto", beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                          logps=logps, kl=kl)
+    if validate:
+        check_preference_args("kto", beta, desirable_weight=desirable_weight,
+                              undesirable_weight=undesirable_weight, logps=logps, kl=kl)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = as_math(*logps)
     ref_chosen, ref_rejected = ref_chosen.detach(), ref_rejected.detach()
     z0 = torch.as_tensor(kl, dtype=policy_chosen.dtype, device=policy_chosen.device).detach().reshape(()).clamp(min=0)

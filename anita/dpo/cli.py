@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from anita.dpo.config import DPOConfig
 from anita.dpo.run import run_dpo
-from anita.train.config import add_config_arguments, config_from_args
+from anita.train.config import add_config_command, config_from_args
 
 
 # what the end-of-run lines show, when the loss logs it: DPO's accuracy and margin, ORPO's log odds, KTO's z₀
@@ -49,11 +49,10 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "dpo", help="DPO (and its variants), ORPO, SimPO and KTO of a LoRA adapter on preference data",
+    add_config_command(
+        subparsers, "dpo", DPOConfig, run,
+        help="DPO (and its variants), ORPO, SimPO and KTO of a LoRA adapter on preference data",
         description="Train a LoRA adapter (over a 4-bit NF4 base unless --no-qlora) with DPO on JSONL rows "
                     "{'prompt', 'chosen', 'rejected'}, or ORPO/SimPO (no reference model), or KTO on unpaired "
                     "rows {'prompt', 'completion', 'label'} (pairs are unpaired); continue an SFT adapter "
                     "with --adapter.")
-    add_config_arguments(p, DPOConfig)
-    p.set_defaults(func=run)

@@ -8,16 +8,55 @@ anita/recipes/anita_2_dpo.toml (docs/recipe.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import re
+from dataclasses import InitVar, dataclass
 
 from anita.dpo.beyond_dpo import ALL_LOSS_TYPES, REFERENCE_FREE, SIMPO_GAMMA, check_preference_args
 from anita.dpo.loss import DISCOPOP_TAU
-from anita.errors import AnitaError
+from anita.errors import AnitaError, check_number
+from anita.model.logprobs import DEFAULT_CHUNK_SIZE
 from anita.train.config import TrainConfig, flag
 
 REFERENCES = ("auto", "adapters-off", "adapter", "precomputed", "none")
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """The knobs of the DPO objective, checked once, here (the rest of a run is `TrainConfig`).
+
+    `DPOConfig.settings()` builds them from a run's config; the names are its fields' (and `anita dpo`'s
+    flags and config keys), except `loss_type` (TRL's name), which is the field `loss`. `source` names
+    where the values came from (a config file, "command line") at the start of each error message.
+    """
+
+    beta: float = 0.1  # β: strength of the KL tie to the reference (Rafailov et al. Eq. 3); the recipe's 0.1
+    loss_type: str = "sigmoid"  # one of anita.dpo.beyond_dpo.ALL_LOSS_TYPES; DPO itself is "sigmoid"
+    label_smoothing: float = 0.0  # ε for cDPO / robust / exo_pair / aot / simpo
+    discopop_tau: float = DISCOPOP_TAU  # τ of discopop
+    rpo_alpha: float | None = None  # weight of the chosen answers' NLL (RPO); None = none (ORPO: 1)
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per chunk of the output head
+    simpo_gamma: float = SIMPO_GAMMA  # SimPO's target reward margin γ
+    desirable_weight: float = 1.0  # KTO's λ_D
+    undesirable_weight: float = 1.0  # KTO's λ_U
+    source: InitVar[str] = "DPOSettings"
+
+    def __post_init__(self, source: str):
+        check_preference_args(self.loss_type, self.beta, label_smoothing=self.label_smoothing,
+                              discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma,
+                              desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+                              where=source)
+        if self.rpo_alpha is not None:
+            check_number(f"{source}: rpo_alpha", self.rpo_alpha, 0)
+        if self.rpo_alpha is not None and self.loss_type == "kto":
+            raise AnitaError(f"{source}: rpo_alpha (an NLL of the chosen answers) does not apply to loss 'kto'")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise AnitaError(f"{source}: chunk_size must be a positive integer, got {self.chunk_size!r}")
+
+    @property
+    def nll_weight(self) -> float | None:
+        """The weight of the chosen answers' NLL: rpo_alpha, or ORPO's L_SFT weight 1 (Hong et al. Eq. 6)."""
+        if self.rpo_alpha is None and self.loss_type == "orpo":
+            return 1.0
+        return self.rpo_alpha
 
 
 @dataclass
@@ -67,16 +106,9 @@ class DPOConfig(TrainConfig):
         if self.text_field is not None:
             raise AnitaError(f"{source}: 'text_field' is for SFT and continued pre-training; preference rows need "
                              "prompt, chosen and rejected (map other names with columns)")
-        try:
-            check_preference_args(self.loss, self.beta, label_smoothing=self.label_smoothing,
-                                  discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma,
-                                  desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
-        except AnitaError as e:  # the message names the loss function's arguments; here the field is `loss`
-            raise AnitaError(f"{source}: {re.sub(r'^[a-z]+_loss: ', '', str(e)).replace('loss_type', 'loss')}") from None
+        self.settings(source)  # the objective's knobs: checked where they live, `DPOSettings`
         if "discopop_tau" in given and self.loss != "discopop":  # even at its default value
             raise AnitaError(f"{source}: discopop_tau is only used by loss 'discopop', not {self.loss!r}")
-        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
-            raise AnitaError(f"{source}: 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
         self._validate_beyond_dpo(source, given)
         if self.reference == "adapters-off" and self.adapter:
             raise AnitaError(f"{source}: --reference adapters-off with --adapter would score the policy against "
@@ -104,8 +136,6 @@ class DPOConfig(TrainConfig):
         if self.reference == "precomputed":
             raise AnitaError(f"{source}: --loss kto cannot use --reference precomputed: its mismatched pairs are "
                              "formed within each shuffled micro-batch (anita/dpo/unpaired.py)")
-        if self.rpo_alpha is not None:
-            raise AnitaError(f"{source}: 'rpo_alpha' (an NLL of the chosen answers) does not apply to --loss kto")
         unpaired = [n for n in ("packing", "max_tokens", "shared_prompt")
                     if n in given or (n != "shared_prompt" and getattr(self, n) not in (None, False))]
         if unpaired:
@@ -114,6 +144,13 @@ class DPOConfig(TrainConfig):
         if self.batch_size < 2:
             raise AnitaError(f"{source}: --loss kto needs batch_size >= 2 to form mismatched pairs (TRL's rule), "
                              f"got {self.batch_size}")
+
+    def settings(self, source: str = "config") -> DPOSettings:
+        """The objective's knobs (`DPOSettings`, checked as they are built; errors start with `source`)."""
+        return DPOSettings(beta=self.beta, loss_type=self.loss, label_smoothing=self.label_smoothing,
+                           discopop_tau=self.discopop_tau, rpo_alpha=self.rpo_alpha, chunk_size=self.chunk_size,
+                           simpo_gamma=self.simpo_gamma, desirable_weight=self.desirable_weight,
+                           undesirable_weight=self.undesirable_weight, source=source)
 
     def reference_kind(self) -> str:
         """The reference actually used: 'auto' resolved (none for the reference-free ORPO and SimPO)."""

@@ -27,7 +27,7 @@ from anita.dpo.reference import (
     model_fingerprint,
     precompute_reference,
 )
-from anita.dpo.trainer import DPOObjective, DPOSettings, plot_preference_metrics
+from anita.dpo.trainer import DPOObjective, plot_preference_metrics
 from anita.dpo.unpaired import UnpairedBatches, read_unpaired
 from anita.model import Tokenizer
 from anita.sources import default_cache_dir
@@ -36,13 +36,6 @@ from anita.train.loop import autocast, describe, plan_run, train
 from anita.train.model import start_run
 
 DPO_PLOT_FILE = "dpo_curves.png"
-
-
-def dpo_settings(cfg: DPOConfig) -> DPOSettings:
-    return DPOSettings(beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                       discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha, chunk_size=cfg.chunk_size,
-                       simpo_gamma=cfg.simpo_gamma, desirable_weight=cfg.desirable_weight,
-                       undesirable_weight=cfg.undesirable_weight)
 
 
 def build_reference(model, cfg: DPOConfig):
@@ -103,6 +96,7 @@ def make_batches(cfg: DPOConfig, data, pad_id: int, train: bool, ref_logps=None)
 def run_dpo(cfg: DPOConfig) -> list[dict]:
     """Train and return the metrics records; the run directory is `cfg.output`."""
     cfg.validate()
+    settings = cfg.settings()  # the objective's knobs (checked as they are built): one object for every step
     info = init_distributed(cfg.device)
     try:
         tokenizer = Tokenizer.from_pretrained(cfg.model)
@@ -122,7 +116,7 @@ def run_dpo(cfg: DPOConfig) -> list[dict]:
             tables = precomputed_tables(model, cfg, list(zip(datasets, batches)), info)
             batches = [make_batches(cfg, d, tokenizer.pad_id, train=i == 0, ref_logps=t)
                        for i, (d, t) in enumerate(zip(datasets, tables))]
-        objective = DPOObjective(dpo_settings(cfg), build_reference(model, cfg))
+        objective = DPOObjective(settings, build_reference(model, cfg))
         eval_batches = batches[1] if len(batches) > 1 else None
         records = train(model, objective, batches[0], cfg, info, out, eval_batches, base_model=cfg.model,
                         unit="example" if cfg.loss == "kto" else "preference pair")

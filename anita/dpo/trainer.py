@@ -34,67 +34,19 @@ Shapes: B batch (pairs), T time, D model dim, V vocab.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 import torch.nn.functional as F
 
-from anita.dpo.beyond_dpo import (
-    REFERENCE_FREE,
-    SIMPO_GAMMA,
-    check_preference_args,
-    kto_kl,
-    kto_loss,
-    orpo_log_odds_ratio,
-    orpo_loss,
-    simpo_loss,
-)
+from anita.dpo.beyond_dpo import REFERENCE_FREE, kto_kl, kto_loss, orpo_log_odds_ratio, orpo_loss, simpo_loss
+from anita.dpo.config import DPOSettings
 from anita.dpo.logps import PairLogps, RowLogps, completion_logps, concatenated_logps
-from anita.dpo.loss import DISCOPOP_TAU, dpo_loss, rpo_nll
-from anita.errors import AnitaError, check_number
-from anita.model.logprobs import DEFAULT_CHUNK_SIZE
+from anita.dpo.loss import dpo_loss, rpo_nll
+from anita.errors import AnitaError
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected", "logits/chosen", "logits/rejected")
-
-
-@dataclass(frozen=True)
-class DPOSettings:
-    """The knobs of the DPO objective (the rest of a run is `anita.train.config.TrainConfig`)."""
-
-    beta: float = 0.1  # β: strength of the KL tie to the reference (Rafailov et al. Eq. 3); the recipe's 0.1
-    loss_type: str = "sigmoid"  # one of anita.dpo.beyond_dpo.ALL_LOSS_TYPES; DPO itself is "sigmoid"
-    label_smoothing: float = 0.0  # ε for cDPO / robust / exo_pair / aot / simpo
-    discopop_tau: float = DISCOPOP_TAU  # τ of discopop
-    rpo_alpha: float | None = None  # weight of the chosen answers' NLL (RPO); None = none (ORPO: 1)
-    chunk_size: int = DEFAULT_CHUNK_SIZE  # tokens per chunk of the output head
-    simpo_gamma: float = SIMPO_GAMMA  # SimPO's target reward margin γ
-    desirable_weight: float = 1.0  # KTO's λ_D
-    undesirable_weight: float = 1.0  # KTO's λ_U
-
-    def __post_init__(self):
-        try:
-            check_preference_args(self.loss_type, self.beta, label_smoothing=self.label_smoothing,
-                                  discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma,
-                                  desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
-        except AnitaError as e:
-            raise AnitaError(f"DPOSettings: {re.sub(r'^[a-z]+_loss: ', '', str(e))}") from None
-        if self.rpo_alpha is not None:
-            check_number("DPO: rpo_alpha", self.rpo_alpha, 0)
-        if self.rpo_alpha is not None and self.loss_type == "kto":
-            raise AnitaError("DPO: rpo_alpha (an NLL of the chosen answers) does not apply to unpaired KTO")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise AnitaError(f"DPO: chunk_size must be a positive integer, got {self.chunk_size!r}")
-
-    @property
-    def nll_weight(self) -> float | None:
-        """The weight of the chosen answers' NLL: rpo_alpha, or ORPO's L_SFT weight 1 (Hong et al. Eq. 6)."""
-        if self.rpo_alpha is None and self.loss_type == "orpo":
-            return 1.0
-        return self.rpo_alpha
 
 
 def preference_metrics(out: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
@@ -116,7 +68,8 @@ def preference_metrics(out: PairLogps, chosen_rewards: torch.Tensor, rejected_re
 
 
 def dpo_step(model, batch: dict, settings: DPOSettings, reference) -> tuple[torch.Tensor, int, dict]:
-    """The DPO loss of one batch, summed over its B pairs, B, and the batch's metrics.
+    """The DPO loss of one batch, summed over its B pairs, B, and the batch's metrics. `settings` were
+    checked once, when built; the losses are called without checking them again (`validate=False`).
 
     `reference` is one of `anita.dpo.reference`'s (it gives the reference log-probs, or None, None
     for the reference-free mode). It runs before the policy forward: the frozen-adapter reference
@@ -133,7 +86,7 @@ def dpo_step(model, batch: dict, settings: DPOSettings, reference) -> tuple[torc
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             out.chosen, out.rejected, ref_chosen, ref_rejected, beta=settings.beta, loss_type=settings.loss_type,
             label_smoothing=settings.label_smoothing, chosen_lengths=out.chosen_lengths,
-            rejected_lengths=out.rejected_lengths, discopop_tau=settings.discopop_tau)  # [B] each
+            rejected_lengths=out.rejected_lengths, discopop_tau=settings.discopop_tau, validate=False)  # [B] each
         metrics = preference_metrics(out, chosen_rewards, rejected_rewards)
     B = losses.shape[0]
     loss_sum = losses.sum()
@@ -150,12 +103,12 @@ def reference_free_loss(out: PairLogps, settings: DPOSettings):
     chosen = out.chosen / out.chosen_lengths.clamp(min=1)  # [B] l_w
     rejected = out.rejected / out.rejected_lengths.clamp(min=1)  # [B] l_l
     if settings.loss_type == "orpo":
-        losses, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, settings.beta)
+        losses, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, settings.beta, validate=False)
         log_odds = orpo_log_odds_ratio(chosen.detach().float(), rejected.detach().float())  # [B]
         extra = {"log_odds_ratio": F.logsigmoid(log_odds).mean().item(), "log_odds_chosen": log_odds.mean().item()}
     else:
         losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, settings.beta, settings.simpo_gamma,
-                                                              settings.label_smoothing)
+                                                              settings.label_smoothing, validate=False)
         extra = {}
     metrics = preference_metrics(out, chosen_rewards, rejected_rewards, chosen, rejected)
     return losses, chosen_rewards, rejected_rewards, {**metrics, **extra}
@@ -175,7 +128,8 @@ def kto_step(model, batch: dict, settings: DPOSettings, reference) -> tuple[torc
     kl = kto_kl(mismatched.sums, ref_mismatched)  # z₀, scalar
     losses, chosen_rewards, rejected_rewards = kto_loss(
         matched.sums[desirable], matched.sums[~desirable], ref_matched[desirable], ref_matched[~desirable], kl,
-        settings.beta, settings.desirable_weight, settings.undesirable_weight)  # [B] (desirable first), [Bc], [Br]
+        settings.beta, settings.desirable_weight, settings.undesirable_weight,
+        validate=False)  # [B] (desirable first), [Bc], [Br]
     return losses.sum(), B, kto_metrics(matched, desirable, chosen_rewards, rejected_rewards, kl)
 
 

@@ -95,6 +95,10 @@ class LoraLinear(nn.Module):
     norm is treated as a constant in backward (DoRA §4.3; PEFT does the same).
     """
 
+    # The one switch of the shortcut: plain LoRA's sum as `anita.lora.lean`'s single autograd node (the
+    # same numbers, less memory). Set `LoraLinear.lean = False` (or `layer.lean`) for the paper's path.
+    lean = True
+
     def __init__(self, base: nn.Module, config: LoraConfig):
         super().__init__()
         if not is_base_linear(base):
@@ -104,7 +108,6 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scale = config.scale
         self.disabled = False  # True: forward is exactly the base layer (DPO's reference model)
-        self.lean = True  # the update as one autograd node (`anita.lora.lean`) where it applies
         device, R = module_device(base), config.r
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, R, bias=False, device=device, dtype=config.dtype)
@@ -155,27 +158,35 @@ class LoraLinear(nn.Module):
         return (self.lora_magnitude_vector.float() / self.dora_norm(adapted))[:, None] * adapted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.disabled and lean.applies(self):
-            # The update first, then the base: see `anita.lora.lean` on checkpointing's early stop.
-            delta = lean.lora_delta(x, self, x.dtype)  # (B, T, O)
-            if isinstance(self.base_layer, Linear4bit):
-                return self.base_layer(x, add=delta)  # on CUDA the base GEMM adds it in (anita.quant.matmul)
-            y = self.base_layer(x)
-            return y + delta.to(y.dtype)  # a cast only under autocast, where a dense base computes in bf16
-        return self.add_adapter(x, self.base_layer(x))  # (B, T, O)
+        """y = base(x) + scale · B(A(dropout(x))) (Hu et al. §4.1): x (B, T, I) -> y (B, T, O).
+
+        `update` is the second term. Where `lean.applies` (plain LoRA, with the switch `lean` on, the
+        default), the same sum comes from `anita.lora.lean`: one autograd node, less memory, held equal
+        to this line by tests/lora/test_lean.py."""
+        if self.disabled:
+            return self.base_layer(x)
+        if lean.applies(self):
+            return lean.forward(self, x)
+        y = self.base_layer(x)
+        return y + self.update(x, y)  # base(x) + scale · B(A(dropout(x))), the update in y's dtype
 
     def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + the adapter's update of input x, where y = base(x) (B, T, O) was computed by the caller
-        (`forward`, or a fused matmul of several frozen bases: `anita.model.fused`)."""
+        """y + the update, where y = base(x) (B, T, O) was computed by the caller (a fused matmul of
+        several frozen bases: `anita.model.fused`)."""
         if self.disabled:
             return y
         if lean.applies(self):
-            return y + lean.lora_delta(x, self, y.dtype)  # the same numbers, with less work (anita.lora.lean)
+            return y + lean.lora_delta(x, self, y.dtype)
+        return y + self.update(x, y)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """scale · B(A(dropout(x))) in y's dtype (B, T, O), computed in the adapter's dtype; with DoRA
+        what its rescaling adds to y = base(x) (`_dora_extra`)."""
         xa = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (B, T, I) in the adapter's dtype
-        lora = self.lora_B(self.lora_A(xa)) * self.scale  # (B, T, R) -> (B, T, O)
-        if self.lora_magnitude_vector is None:
-            return y + lora.to(y.dtype)
-        return y + self._dora_extra(xa, y, lora).to(y.dtype)
+        lora = self.scale * self.lora_B(self.lora_A(xa))  # (B, T, R) -> (B, T, O)
+        if self.lora_magnitude_vector is not None:
+            lora = self._dora_extra(xa, y, lora)
+        return lora.to(y.dtype)
 
     def _dora_extra(self, xa, y, lora) -> torch.Tensor:
         """What DoRA adds to base(x): (m/n - 1)·W x + (m/n)·scale·B A x, n = ||W + scale·BA||_row.

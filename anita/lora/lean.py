@@ -1,8 +1,8 @@
-"""LoRA's update as one autograd node: the shortcut beside `LoraLinear.add_adapter`'s plain path.
+"""LoRA's update as one autograd node: the shortcut beside `LoraLinear.update`, the plain path.
 
 The plain path writes the update the way the paper (and PEFT) does,
 
-    y + (B(A(x.to(adapter dtype))) · scale).to(y.dtype)
+    y + (scale · B(A(x.to(adapter dtype)))).to(y.dtype)
 
 and autograd records five nodes for it: the cast of x, A, B, the multiplication by the scale and the
 cast back. Three of them touch a tensor as large as the layer's output (N, O) in fp32 — B's output,
@@ -28,7 +28,7 @@ scale is a power of two (the recipe's 8/16 = 0.5) and differ in the last fp32 bi
 the rounding to y's dtype that both paths do. tests/lora/test_lean.py holds outputs and gradients of
 both paths equal, through a whole model and every checkpointing mode.
 
-`LoraLinear.forward` computes the update *before* the base matmul (the plain path, like PEFT, runs
+`forward` (what `LoraLinear.forward` runs here) computes the update *before* the base matmul (the plain path, like PEFT, runs
 the base first). Nothing in backward needs a base projection's output (a frozen weight's input
 gradient needs only the weight), and non-reentrant checkpointing stops recomputing a block as soon
 as the last tensor backward needs is back. The last thing a Llama block saves is then down_proj's
@@ -47,15 +47,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from anita.quant import Linear4bit
+
 
 def applies(layer) -> bool:
-    """True when `layer`'s update is plain LoRA: no DoRA magnitude, no dropout active."""
+    """True when `layer.lean` is on and its update is plain LoRA: no DoRA magnitude, no dropout active."""
     dropout = layer.training and isinstance(layer.lora_dropout, nn.Dropout)
     return layer.lean and layer.lora_magnitude_vector is None and not dropout
 
 
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` = base(x) + scale · B A x with the update first (see above), x (.., I) -> (.., O)."""
+    delta = lora_delta(x, layer, x.dtype)  # (.., O)
+    if isinstance(layer.base_layer, Linear4bit):
+        return layer.base_layer(x, add=delta)  # on CUDA its GEMM adds the update in (anita.quant.matmul)
+    y = layer.base_layer(x)
+    return y + delta.to(y.dtype)  # a cast only under autocast, where a dense base computes in bf16
+
+
 def lora_delta(x: torch.Tensor, layer, dtype: torch.dtype) -> torch.Tensor:
-    """layer.scale · B A x in `dtype` (the base output's), as `LoraLinear.add_adapter` adds it. x (.., I)."""
+    """layer.scale · B A x in `dtype` (the base output's), as `LoraLinear.update` computes it. x (.., I)."""
     return _LoraDelta.apply(x, layer.lora_A.weight, layer.lora_B.weight, layer.scale, dtype)  # (.., O)
 
 

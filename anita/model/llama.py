@@ -8,7 +8,8 @@ References: Touvron et al. 2023 (LLaMA), Meta's `llama/model.py`, the Llama 3 he
 
 Layout: parameter names equal Hugging Face's `LlamaForCausalLM` keys, and q/k rows use HF's
 "rotate half" RoPE layout (Meta's original checkpoints interleave pairs instead; see
-`anita.model.gguf` for the conversion). Loading and saving live in `anita.model.checkpoint`.
+`anita.model.gguf` for the conversion). Loading and saving live in `anita.model.checkpoint`, and what
+backward recomputes (`Llama.checkpointing`) in `anita.model.activation_checkpointing`.
 `PROJECTIONS` names the seven linears of a block, the default targets of NF4 and LoRA.
 
 Shapes: B batch, T new tokens (queries), S keys (cache + new), D model dim, H heads,
@@ -22,9 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from anita.errors import AnitaError
+from anita.model.activation_checkpointing import checkpoint_block
 from anita.model.config import LlamaConfig
 from anita.model.fused import can_fuse, fused_projections
 from anita.model.masks import Spans
@@ -265,46 +266,6 @@ def attention_mask_4d(attention_mask, T: int, S: int, device) -> torch.Tensor | 
     return allowed[:, None]  # (B, 1, T, S)
 
 
-# ------------------------------------------------------------------ activation checkpointing
-CHECKPOINTING = ("off", "full", "selective")
-# Ops whose outputs selective checkpointing keeps: the matmuls (the frozen NF4 projections: dequantize
-# + GEMM) and attention (the FLOPs that grow with T²), on CPU and CUDA.
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-_ATTENTION = {getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    if hasattr(torch.ops.aten, name)}
-# bitsandbytes' fused dequantize + GEMM (its CPU path for 4-bit weights), matched by name: no import.
-_NF4_MATMULS = {"bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit"}
-_VARLEN = {"torch_attn::_varlen_attn"}  # FlashAttention's varlen op on CUDA (`anita.model.varlen`), by name
-
-
-def keep_projections(min_inner: int):
-    """The selective policy: keep an attention output, and a matmul output whose inner dimension is
-    at least `min_inner` (the projections: D, H·E or F); recompute everything else in backward, the
-    cheap element-wise work (RMSNorm, RoPE, SiLU·up, casts, residual adds, the NF4 dequantization)
-    and LoRA's rank-R second matmul (R ≪ D: 2·R FLOPs per element, cheaper than keeping it)."""
-    def policy(ctx, op, *args, **kwargs):
-        if op in _ATTENTION or op.name() in _NF4_MATMULS | _VARLEN:
-            return CheckpointPolicy.MUST_SAVE
-        if op in _MATMULS and (args[1] if op is torch.ops.aten.addmm.default else args[0]).shape[-1] >= min_inner:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-    return policy
-
-
-def checkpoint_block(block: nn.Module, mode: str, x, cos, sin, mask) -> torch.Tensor:
-    """block(x) whose activations are recomputed in backward: all of them ("full": only x is kept),
-    or only the cheap ones ("selective", `keep_projections`: the GEMM and attention outputs are kept)."""
-    if mode == "full":
-        return checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-    if mode != "selective":
-        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
-    policy = keep_projections(min_inner=max(1, x.shape[-1] // 4))  # D/4: above any LoRA rank in use
-    return checkpoint(block, x, cos, sin, mask, use_reentrant=False,
-                      context_fn=lambda: create_selective_checkpoint_contexts(policy))
-
-
 # -------------------------------------------------------------------------------- model
 class LlamaModel(nn.Module):
     """Embeddings, the stack of blocks and the final norm (HF's `model.` prefix)."""
@@ -328,7 +289,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # Non-persistent: recomputed from the config, never read from a checkpoint.
         self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
-        self.checkpointing = "off"  # off, full or selective (`checkpoint_block`)
+        self.checkpointing = "off"  # off, full or selective: what backward recomputes (anita.model.activation_checkpointing)
         # dtype of the output head's matmuls when the losses score tokens (`anita.model.logprobs.token_logps`);
         # None = fp32. forward() itself always applies lm_head as stored.
         self.head_dtype: torch.dtype | None = None
@@ -361,15 +322,6 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))  # (B, T, V)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """True when any checkpointing is on; setting True means "full", False "off"."""
-        return self.checkpointing != "off"
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool) -> None:
-        self.checkpointing = "full" if on else "off"
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Llama":
         """Random init as HF does (normal(0, std) linears/embeddings, ones for norms) — for tests."""

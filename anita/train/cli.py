@@ -7,7 +7,7 @@ parallelism. docs/training.md walks through the loop.
 
 from __future__ import annotations
 
-from anita.train.config import TrainConfig, add_config_arguments, config_from_args
+from anita.train.config import TrainConfig, add_config_command, config_from_args
 from anita.train.sft import run_sft
 
 
@@ -26,9 +26,6 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sft", help="QLoRA supervised fine-tuning or continued pre-training",
-        description="Train a LoRA adapter (over a 4-bit NF4 base unless --no-qlora) on JSONL data: "
-                    "{'messages': [...]}, {'prompt', 'completion'} or {'text'} rows.")
-    add_config_arguments(p, TrainConfig)
-    p.set_defaults(func=run)
+    add_config_command(subparsers, "sft", TrainConfig, run, help="QLoRA supervised fine-tuning or continued pre-training",
+                       description="Train a LoRA adapter (over a 4-bit NF4 base unless --no-qlora) on JSONL data: "
+                                   "{'messages': [...]}, {'prompt', 'completion'} or {'text'} rows.")

@@ -26,7 +26,8 @@ import yaml
 from anita.arguments import finite_float
 from anita.dtypes import PRECISIONS, check_bf16_device, training_dtypes
 from anita.errors import AnitaError, check_number
-from anita.model.llama import CHECKPOINTING, PROJECTIONS
+from anita.model.activation_checkpointing import CHECKPOINTING
+from anita.model.llama import PROJECTIONS
 from anita.model.logprobs import DEFAULT_CHUNK_SIZE
 from anita.sources import parse_columns
 from anita.sources.source import DEFAULT_SPLIT
@@ -40,13 +41,18 @@ else:  # Python 3.10: the same library, as a package (an optional dependency)
 # Fields that may differ between a run and its `--resume`: they do not change the numbers (how much
 # is recomputed in backward does not: the checkpointing modes give bit-equal gradients, docs/speed.md).
 RESUMABLE_CHANGES = {"resume", "save_steps", "keep_checkpoints", "eval_steps", "progress", "data_cache", "report_to",
-                     "checkpointing", "gradient_checkpointing",  # gradients bit-equal in every mode
+                     "checkpointing",  # gradients bit-equal in every mode
+                     "gradient_checkpointing",  # an older run.json's name for checkpointing (see ALIASES)
                      "chunk_size"}  # the head's chunks: per-token log-probs do not depend on them
 # The settings of a fresh adapter; with --adapter the adapter's own are used, so these are refused.
 FRESH_ADAPTER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "rslora", "targets")
 # Pairs of fields that set one thing two ways: both set is an error, unless a flag sets one and the
 # config file the other, where the flag wins and the file's value is dropped.
-EXCLUSIVE_PAIRS = (("batch_size", "max_tokens"), ("gradient_checkpointing", "checkpointing"))
+EXCLUSIVE_PAIRS = (("batch_size", "max_tokens"),)
+# Older names that still work, as documented aliases of a field: name -> (field, {old value: new value}).
+# `--gradient-checkpointing` / `--no-gradient-checkpointing` and the key `gradient_checkpointing = true|false`
+# are `checkpointing = full|off`; given beside `checkpointing` they must agree on whether it is on.
+ALIASES = {"gradient_checkpointing": ("checkpointing", {True: "full", False: "off"})}
 # A source and what selects its rows: a flag naming another source drops the file's split and config.
 SOURCE_SELECTORS = {"data": ("data_split", "data_config"), "eval_data": ("eval_split", "eval_config")}
 
@@ -95,12 +101,11 @@ class TrainConfig:
                                        "where the device has it natively (CUDA compute capability 8+, AVX-512/AMX "
                                        "CPUs), as TRL trains, else fp32",
                                  choices=list(PRECISIONS))
-    gradient_checkpointing: bool = flag(True, "recompute each block's activations in the backward pass (the "
-                                              "older switch: true = --checkpointing full, false = off)")
-    checkpointing: str | None = flag(None, "activation checkpointing: full (recompute each block), selective (keep "
-                                           "the projection and attention outputs, recompute the element-wise work) "
-                                           "or off; default: full, or off with --no-gradient-checkpointing",
-                                     choices=list(CHECKPOINTING))
+    checkpointing: str = flag("full", "activation checkpointing: full (recompute each block in backward), selective "
+                                      "(keep the projection and attention outputs, recompute the element-wise "
+                                      "work) or off; --gradient-checkpointing and --no-gradient-checkpointing "
+                                      "(key gradient_checkpointing = true/false) are older names for full and off",
+                              choices=list(CHECKPOINTING))
     head_dtype: str | None = flag(None, "dtype of the output head's matmuls in the loss: bf16 (as HF/TRL under "
                                         "autocast) or fp32; the log-softmax stays fp32 (docs/speed.md gives the loss "
                                         "difference); default: the precision's",
@@ -192,7 +197,6 @@ class TrainConfig:
         if self.max_tokens is not None and "batch_size" in given:
             raise AnitaError(f"{source}: set either 'batch_size' (rows per micro-batch) or 'max_tokens' (a token "
                              "budget per micro-batch), not both")
-        checkpoint_mode(self, source, given)
         check_held_out(self, source)
         self.precision, self.head_dtype, self.adapter_dtype = training_dtypes(
             self.device, self.qlora, self.precision, self.head_dtype, self.adapter_dtype)
@@ -211,16 +215,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def checkpoint_mode(cfg: TrainConfig, source: str = "config", given: set[str] = frozenset()) -> str:
-    """The activation checkpointing a run uses: `checkpointing`, or from the older `gradient_checkpointing`
-    (true = full, false = off); the two set to disagreeing values is an error."""
-    old = "full" if cfg.gradient_checkpointing else "off"
-    if cfg.checkpointing is None:
-        return old
-    if "gradient_checkpointing" in given and (old == "off") != (cfg.checkpointing == "off"):
-        raise AnitaError(f"{source}: gradient_checkpointing = {str(cfg.gradient_checkpointing).lower()} contradicts "
-                         f"checkpointing = {cfg.checkpointing}; keep only checkpointing")
-    return cfg.checkpointing
+def resolve_aliases(values: dict, source: str) -> dict:
+    """`values` (field -> value, from one source: the flags or a config file) with each older name of
+    `ALIASES` replaced by the field it stands for; an alias that contradicts its field is an error."""
+    values = dict(values)
+    for alias, (name, meaning) in ALIASES.items():
+        if alias not in values:
+            continue
+        old = values.pop(alias)
+        if not isinstance(old, bool):
+            raise AnitaError(f"{source}: {alias!r} must be true or false, got {old!r}")
+        if name in values and (values[name] == "off") != (meaning[old] == "off"):
+            raise AnitaError(f"{source}: {alias} = {str(old).lower()} contradicts {name} = {values[name]}; "
+                             f"keep only {name}")
+        values.setdefault(name, meaning[old])
+    return values
 
 
 def check_fsdp_settings(cfg: TrainConfig, source: str = "config") -> None:
@@ -324,10 +333,10 @@ def read_config_file(path, cls=TrainConfig) -> dict:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name not in names:
+        if name not in names and name not in ALIASES:
             raise AnitaError(f"{path}: unknown key {key!r}; expected one of {', '.join(sorted(names))}")
-        values[name] = coerce(cls, name, value, str(path))
-    return values
+        values[name] = value if name in ALIASES else coerce(cls, name, value, str(path))
+    return resolve_aliases(values, str(path))
 
 
 # ---------------------------------------------------------------------------- the flags
@@ -348,6 +357,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
         else:  # a float flag must be finite (its range is checked by `validate`)
             parser.add_argument(option, type=finite_float() if kind is float else kind,
                                 choices=f.metadata.get("choices"), **kw)
+    for alias, (name, meaning) in ALIASES.items():
+        parser.add_argument("--" + alias.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, dest=alias,
+                            help=f"older names: --{alias.replace('_', '-')} is --{name} {meaning[True]}, "
+                                 f"--no-{alias.replace('_', '-')} is --{name} {meaning[False]}")
+
+
+def add_config_command(subparsers, name: str, cls, func, help: str, description: str) -> argparse.ArgumentParser:
+    """The subcommand `anita NAME`, whose flags are the fields of `cls` (`add_config_arguments`), run by `func(args)`."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_config_arguments(parser, cls)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):
@@ -357,8 +379,9 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig):
     split and config of it (`SOURCE_SELECTORS`), so `--config recipe.toml --max-tokens 4096 --data x.jsonl` works."""
     from_file = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)}
-    flags = {name: coerce(cls, name, value, f"--{name.replace('_', '-')}")
-             for name, value in vars(args).items() if name in names}
+    flags = resolve_aliases({name: value if name in ALIASES else coerce(cls, name, value, f"--{name.replace('_', '-')}")
+                             for name, value in vars(args).items() if name in names or name in ALIASES},
+                            "command line")
     overridden = [(a, b) for pair in EXCLUSIVE_PAIRS for a, b in (pair, pair[::-1])] + \
         [(name, selector) for name, selectors in SOURCE_SELECTORS.items() for selector in selectors]
     for flag_name, dropped in overridden:

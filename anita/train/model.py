@@ -18,7 +18,7 @@ from anita.lora.pretrained import read_adapter_for
 from anita.model import from_pretrained, model_skeleton
 from anita.model.fused import set_fused_projections
 from anita.train.checkpoint import prepare_run_dir, record_in_run_file
-from anita.train.config import TrainConfig, checkpoint_mode
+from anita.train.config import TrainConfig
 from anita.train.distributed import DistInfo, barrier
 from anita.train.fsdp import shard_model
 
@@ -60,7 +60,7 @@ def load_trainable_model(cfg: TrainConfig, info: DistInfo):
     quant = {"quantize": "nf4", "quantize_kwargs": {"compute_dtype": dtype}} if cfg.qlora else {}
     device = torch.device("cpu") if cfg.fsdp else info.device  # the whole model never sits on one GPU
     model = from_pretrained(cfg.model, dtype=dtype, device=device, **quant)
-    model.checkpointing = checkpoint_mode(cfg)
+    model.checkpointing = cfg.checkpointing
     model.head_dtype = None if cfg.head_dtype == "fp32" else PRECISIONS[cfg.head_dtype]
     torch.manual_seed(cfg.seed)
     if cfg.adapter:

@@ -343,15 +343,15 @@ def test_run_settings_are_checked_for_all_seventeen_losses():
     check_preference_args("simpo", 2.0, simpo_gamma=1.0, label_smoothing=0.1)
     check_preference_args("kto", 0.1, desirable_weight=1.33)
     check_preference_args("robust", 0.1, label_smoothing=0.2)
-    with pytest.raises(AnitaError, match="simpo_gamma is only used by loss_type 'simpo', not 'sigmoid'"):
+    with pytest.raises(AnitaError, match="simpo_gamma is only used by loss 'simpo', not 'sigmoid'"):
         check_preference_args("sigmoid", 0.1, simpo_gamma=1.0)
-    with pytest.raises(AnitaError, match="only used by loss_type 'kto', not 'orpo'"):
+    with pytest.raises(AnitaError, match="only used by loss 'kto', not 'orpo'"):
         check_preference_args("orpo", 0.1, undesirable_weight=2.0)
     with pytest.raises(AnitaError, match="'kto' does not use label_smoothing"):
         check_preference_args("kto", 0.1, label_smoothing=0.1)
     with pytest.raises(AnitaError, match="discopop_tau is only used"):
         check_preference_args("orpo", 0.1, discopop_tau=0.5)
-    with pytest.raises(AnitaError, match=r"unknown loss_type 'dpo'.*'kto'"):
+    with pytest.raises(AnitaError, match=r"unknown loss type 'dpo'.*'kto'"):
         check_preference_args("dpo", 0.1)
 
 

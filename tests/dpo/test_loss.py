@@ -514,7 +514,7 @@ def test_bf16_inputs_are_computed_in_fp32_and_rewards_are_detached():
 def test_bad_arguments_raise_anita_error():
     """Unknown types list the valid ones; knobs a loss ignores, bad ranges and bad shapes raise."""
     x = _t(-1.0, -2.0)
-    with pytest.raises(AnitaError, match="unknown loss_type 'dpo'.*'sigmoid'.*'sigmoid_norm'"):
+    with pytest.raises(AnitaError, match="unknown loss type 'dpo'.*'sigmoid'.*'sigmoid_norm'"):
         dpo_loss(x, x, x, x, loss_type="dpo")
     with pytest.raises(AnitaError, match="does not use label_smoothing"):
         dpo_loss(x, x, x, x, loss_type="hinge", label_smoothing=0.1)
@@ -526,7 +526,7 @@ def test_bad_arguments_raise_anita_error():
         dpo_loss(x, x, x, x, loss_type="sigmoid_norm")
     with pytest.raises(AnitaError, match="beta must be a finite number > 0"):
         dpo_loss(x, x, x, x, beta=0.0)
-    with pytest.raises(AnitaError, match="discopop_tau is only used by loss_type 'discopop'"):
+    with pytest.raises(AnitaError, match="discopop_tau is only used by loss 'discopop'"):
         dpo_loss(x, x, x, x, discopop_tau=0.3)
     with pytest.raises(AnitaError, match="discopop_tau must be a finite number > 0"):
         dpo_loss(x, x, x, x, loss_type="discopop", discopop_tau=0.0)

@@ -35,7 +35,7 @@ def data(tmp_path, byte_tokenizer):
 def policy(path, dropout: float = 0.0) -> Llama:
     """The tiny model with a fresh adapter (B = 0), in training mode with checkpointing, as the loop runs it."""
     model = from_pretrained(path)
-    model.gradient_checkpointing = True
+    model.checkpointing = "full"
     torch.manual_seed(0)
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
     return model.train()

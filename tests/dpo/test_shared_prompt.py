@@ -48,7 +48,7 @@ def make_pairs(shapes=SHAPES, seed: int = 0) -> list[PreferencePair]:
 def policy(checkpointing: bool = False, seed: int = 1):
     """A tiny fp32 Llama (GQA, RoPE) with a random, non-zero LoRA adapter: policy != base."""
     model = tiny_model("llama3", vocab_size=V).train()
-    model.gradient_checkpointing = checkpointing
+    model.checkpointing = "full" if checkpointing else "off"
     torch.manual_seed(0)
     apply_lora(model, LoraConfig(r=4, alpha=8))
     g = torch.Generator().manual_seed(seed)

@@ -18,7 +18,6 @@ from anita.cli import main
 from anita.dpo import DPOConfig, dpo_loss
 from anita.dpo.data import PreferenceBatches, read_preferences
 from anita.dpo.reference import AdaptersOff, ReferenceFree
-from anita.dpo.run import dpo_settings
 from anita.dpo.logps import concatenated_logps
 from anita.dpo.trainer import METRICS, DPOSettings, dpo_step
 from anita.errors import AnitaError
@@ -116,7 +115,7 @@ def test_reference_free_rewards_are_the_policy_logps(tiny_run_model, batch):
 
 
 def test_settings_are_checked_up_front():
-    with pytest.raises(AnitaError, match="DPOSettings: unknown loss_type 'dpo'"):
+    with pytest.raises(AnitaError, match="DPOSettings: unknown loss type 'dpo'"):
         DPOSettings(loss_type="dpo")
     with pytest.raises(AnitaError, match="beta must be a finite number > 0"):
         DPOSettings(beta=0.0)
@@ -124,9 +123,39 @@ def test_settings_are_checked_up_front():
         DPOSettings(loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(AnitaError, match="rpo_alpha"):
         DPOSettings(rpo_alpha=-1.0)
-    with pytest.raises(AnitaError, match="discopop_tau is only used by loss_type 'discopop'"):
+    with pytest.raises(AnitaError, match="discopop_tau is only used by loss 'discopop'"):
         DPOSettings(discopop_tau=0.2)
 
+
+
+def test_settings_are_checked_once_where_they_are_built(monkeypatch, tiny_run_model, batch):
+    """One settings object: a bad knob fails when `DPOSettings` is built (from a run's config, the
+    message starts with its source and names the field, as its flag and config key spell it), and
+    `dpo_step` never checks the knobs again: with every checker made to fail, the steps still run."""
+    with pytest.raises(AnitaError, match=r"^command line: label_smoothing for loss 'robust' must lie in \[0, 0.5\)"):
+        DPOConfig(model="m", data="d", output="o", loss="robust", label_smoothing=0.5).validate("command line")
+    with pytest.raises(AnitaError, match="^c.toml: beta must be a finite number > 0, got 0.0"):
+        DPOConfig(model="m", data="d", output="o", beta=0.0).settings("c.toml")
+    with pytest.raises(AnitaError, match="^c.toml: unknown loss type 'dpo'"):
+        DPOSettings(loss_type="dpo", source="c.toml")
+    settings = [DPOSettings(beta=0.5), DPOSettings(loss_type="orpo"), DPOSettings(loss_type="simpo")]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a knob checked again inside the step")
+
+    import anita.dpo.beyond_dpo
+    import anita.dpo.loss
+
+    monkeypatch.setattr(anita.dpo.loss, "check_loss_args", fail)
+    monkeypatch.setattr(anita.dpo.beyond_dpo, "check_preference_args", fail)
+    model = lora_model(tiny_run_model)
+    with torch.no_grad():
+        for s in settings:
+            reference = ReferenceFree() if s.loss_type in ("orpo", "simpo") else AdaptersOff()
+            loss_sum, B, _ = dpo_step(model, batch, s, reference)
+            assert B == 3 and torch.isfinite(loss_sum)
+    with pytest.raises(AssertionError, match="checked again"):  # the checker is the one the losses call
+        dpo_loss(torch.zeros(2), torch.zeros(2), None, None)
 
 @pytest.mark.parametrize("settings, message", [
     (dict(beta=float("inf")), "beta must be a finite number > 0, got inf"),  # every loss NaN at step 1 (issue 18)
@@ -149,7 +178,7 @@ def test_discopop_tau_reaches_the_loss(tiny_run_model, batch):
     dpo_loss with that τ, and differs from the default τ's."""
     model = lora_model(tiny_run_model)
     cfg = DPOConfig(model="m", data="d", output="o", loss="discopop", discopop_tau=0.5).validate()
-    settings = dpo_settings(cfg)
+    settings = cfg.settings()
     with torch.no_grad():
         for p in lora_parameters(model):  # move the policy off the reference so the margin is not 0
             p.add_(0.05 * torch.randn_like(p))
@@ -417,7 +446,7 @@ def test_cli_refuses_settings_the_loss_does_not_read(tmp_path, tiny_run_model, c
                            (["--loss", "kto", "--reference", "precomputed"], "cannot use --reference precomputed"),
                            (["--loss", "kto", "--reference", "none"], "needs a reference model"),
                            (["--loss", "kto", "--batch-size", "1"], "batch_size >= 2"),
-                           (["--loss", "kto", "--rpo-alpha", "1"], "does not apply to --loss kto"),
+                           (["--loss", "kto", "--rpo-alpha", "1"], "does not apply to loss 'kto'"),
                            (["--loss", "sigmoid", "--simpo-gamma", "1"], "simpo_gamma is only used by loss 'simpo'"),
                            (["--loss", "simpo", "--desirable-weight", "2"], "only used by loss 'kto'")]:
         assert main(base + extra) == 2, extra

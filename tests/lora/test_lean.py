@@ -162,3 +162,16 @@ def test_full_checkpointing_does_not_recompute_down_proj():
             layer.lean = lean
         reruns[lean] = sum(op.startswith("gemm_4bit") for op in _backward_ops(model, "full"))
     assert reruns == {True: 12, False: 14}  # 2 blocks
+
+
+def test_the_class_switch_turns_every_layer_to_the_textbook_line(monkeypatch):
+    """`LoraLinear.lean = False` is the one switch: every layer then runs forward's plain line,
+    base(x) + scale · B(A(x)), here checked against that sum computed by hand."""
+    layers = [_layer(), _layer(alpha=6.0, r=3, use_rslora=True)]
+    x = torch.randn(2, 5, 64)
+    assert all(_uses_lean(layer, x) for layer in layers)
+    monkeypatch.setattr(LoraLinear, "lean", False)
+    for layer in layers:
+        assert not _uses_lean(layer, x)
+        by_hand = x @ layer.base_layer.weight.T + layer.scale * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+        torch.testing.assert_close(layer(x), by_hand)

@@ -98,12 +98,12 @@ def test_attention_mask_never_leaves_a_row_empty():
     assert mask.tolist() == [[True, False, False], [False, True, False], [False, False, True]]
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_activation_checkpointing_gives_same_gradients():
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
     grads = []
-    for ckpt in (False, True):
+    for mode in ("off", "full"):
         model = tiny_model().train()
-        model.gradient_checkpointing = ckpt
+        model.checkpointing = mode
         model(ids).float().logsumexp(-1).mean().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])

@@ -119,7 +119,7 @@ def test_bare_defaults_are_what_a_trl_user_expects():
     max_length 1024 (TRL 1.16's SFTConfig); the paper's values live in anita/recipes/."""
     cfg = parse(REQUIRED)
     assert (cfg.batch_size, cfg.grad_accum, cfg.warmup_steps, cfg.warmup_ratio, cfg.optimizer, cfg.weight_decay,
-            cfg.max_length, cfg.gradient_checkpointing) == (8, 1, 0, None, "adamw", 0.0, 1024, True)
+            cfg.max_length, cfg.checkpointing) == (8, 1, 0, None, "adamw", 0.0, 1024, "full")
 
 
 SPELLED_OUT = ["--precision", "bf16", "--head-dtype", "bf16", "--adapter-dtype", "bf16"]
@@ -174,17 +174,15 @@ def test_bf16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
 def test_checkpointing_modes_and_the_older_switch(tmp_path):
     """--checkpointing full|selective|off; the older gradient_checkpointing true/false still works
     (full/off); the two set to disagree is one clear error."""
-    from anita.train.config import checkpoint_mode
-
-    assert checkpoint_mode(parse(REQUIRED)) == "full"
-    assert checkpoint_mode(parse(REQUIRED + ["--no-gradient-checkpointing"])) == "off"
-    assert checkpoint_mode(parse(REQUIRED + ["--checkpointing", "selective"])) == "selective"
-    assert checkpoint_mode(parse(REQUIRED + ["--gradient-checkpointing", "--checkpointing", "selective"])) == "selective"
+    assert parse(REQUIRED).checkpointing == "full"
+    assert parse(REQUIRED + ["--no-gradient-checkpointing"]).checkpointing == "off"
+    assert parse(REQUIRED + ["--checkpointing", "selective"]).checkpointing == "selective"
+    assert parse(REQUIRED + ["--gradient-checkpointing", "--checkpointing", "selective"]).checkpointing == "selective"
     with pytest.raises(AnitaError, match="gradient_checkpointing = false contradicts checkpointing = selective"):
         parse(REQUIRED + ["--no-gradient-checkpointing", "--checkpointing", "selective"])
     old = tmp_path / "old.toml"
     old.write_text("gradient_checkpointing = false\n")
-    assert checkpoint_mode(parse(REQUIRED + ["--config", str(old)])) == "off"
+    assert parse(REQUIRED + ["--config", str(old)]).checkpointing == "off"
     with pytest.raises(SystemExit):
         parse(REQUIRED + ["--checkpointing", "some"])
     bad = tmp_path / "bad.toml"
@@ -250,10 +248,12 @@ SFT_RECIPE = str(__import__("pathlib").Path(__file__).parents[2] / "anita" / "re
 @pytest.mark.parametrize("file_text, flags, expected", [
     # the recipe sets batch_size = 16 and gradient_checkpointing = true: a flag for the other field wins
     ("RECIPE", ["--max-tokens", "4096"], {"max_tokens": 4096, "batch_size": 8}),
-    ("RECIPE", ["--checkpointing", "off"], {"checkpointing": "off", "gradient_checkpointing": True, "mode": "off"}),
-    ("RECIPE", ["--checkpointing", "selective"], {"mode": "selective"}),
+    ("RECIPE", ["--checkpointing", "off"], {"checkpointing": "off"}),
+    ("RECIPE", ["--checkpointing", "selective"], {"checkpointing": "selective"}),
+    ("RECIPE", ["--no-gradient-checkpointing"], {"checkpointing": "off"}),
+    ("gradient_checkpointing = false\n", ["--checkpointing", "selective"], {"checkpointing": "selective"}),
     ('max_tokens = 512\n', ["--batch-size", "4"], {"batch_size": 4, "max_tokens": None}),
-    ('checkpointing = "selective"\n', ["--no-gradient-checkpointing"], {"checkpointing": None, "mode": "off"}),
+    ('checkpointing = "selective"\n', ["--no-gradient-checkpointing"], {"checkpointing": "off"}),
     # a flag naming another source drops the file's split and config of its source
     ("RECIPE", ["--data", "local.jsonl"], {"data": "local.jsonl", "data_split": None}),
     ("RECIPE", ["--data", "HuggingFaceH4/ultrachat_200k"], {"data_split": "train_sft"}),
@@ -261,15 +261,12 @@ SFT_RECIPE = str(__import__("pathlib").Path(__file__).parents[2] / "anita" / "re
      {"eval_data": "h.jsonl", "eval_split": None, "eval_config": None}),
 ])
 def test_a_flag_wins_over_the_files_value_of_a_field_it_excludes(tmp_path, file_text, flags, expected):
-    from anita.train.config import checkpoint_mode
-
     config = SFT_RECIPE if file_text == "RECIPE" else tmp_path / "c.toml"
     if file_text != "RECIPE":
         config.write_text(file_text)
     data = [] if "--data" in flags else ["--data", "d.jsonl"]
     cfg = parse(["--config", str(config), "--model", "m", "--output", "out", *data, *flags])
-    got = {**vars(cfg), "mode": checkpoint_mode(cfg)}
-    assert {k: got[k] for k in expected} == expected
+    assert {k: getattr(cfg, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("file_text, flags, message", [
@@ -300,3 +297,24 @@ def test_eval_data_that_is_the_training_data_is_refused(data, eval_flags, refuse
             parse(argv)
     else:
         assert parse(argv).eval_data == eval_flags[1]
+
+
+@pytest.mark.parametrize("old, new", [
+    (["--gradient-checkpointing"], ["--checkpointing", "full"]),
+    (["--no-gradient-checkpointing"], ["--checkpointing", "off"]),
+    ("gradient_checkpointing = true", 'checkpointing = "full"'),
+    ("gradient-checkpointing: false", "checkpointing: 'off'"),
+])
+def test_older_names_are_aliases_of_checkpointing(tmp_path, old, new):
+    """The older flags and config key give exactly the config the new ones do (one field, no twin)."""
+    def config(given):
+        if isinstance(given, list):
+            return parse(REQUIRED + given)
+        path = tmp_path / ("c.toml" if "=" in given else "c.yaml")
+        path.write_text(given + "\n")
+        return parse(REQUIRED + ["--config", str(path)])
+
+    assert vars(config(old)) == vars(config(new))
+    assert "gradient_checkpointing" not in vars(config(old))
+    with pytest.raises(AnitaError, match="'gradient_checkpointing' must be true or false, got 'yes'"):
+        config("gradient_checkpointing = \"yes\"")

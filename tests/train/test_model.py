@@ -24,7 +24,7 @@ def test_qlora_model_has_4bit_bases_and_only_lora_trainable(tiny_run_model):
     assert all(isinstance(m.base_layer, Linear4bit) for m in layers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(model)}
-    assert model.gradient_checkpointing  # the recipe's default
+    assert model.checkpointing == "full"  # the default
     again, _ = load_trainable_model(_cfg(tiny_run_model, qlora=True), DistInfo())
     for a, b in zip(lora_parameters(model), lora_parameters(again)):
         assert torch.equal(a, b)  # seeded init: every process starts from the same adapter
