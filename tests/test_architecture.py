@@ -17,7 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "anita"
 # Imported where used: a missing native library is not an import error (bitsandbytes); lm-eval is the
 # `eval` extra, whose task machinery (datasets and all) loads only when harness tasks run.
-OPTIONAL_DEPENDENCIES = {"bitsandbytes", "lm_eval"}
+OPTIONAL_DEPENDENCIES = {"bitsandbytes", "lm_eval", "trackio"}
+# optional modules inside required packages: torch's TensorBoard writer needs the `tensorboard` package
+OPTIONAL_MODULES = {"torch.utils.tensorboard"}
 
 
 def module_name(path: Path) -> str:
@@ -131,7 +133,8 @@ def test_function_level_imports_are_for_optional_dependencies_only(name):
     for node in function_level_imports(tree):
         modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
         for module in modules:
-            assert module.split(".")[0] in OPTIONAL_DEPENDENCIES, f"{name}:{node.lineno} imports {module} in a function"
+            optional = module.split(".")[0] in OPTIONAL_DEPENDENCIES or module in OPTIONAL_MODULES
+            assert optional, f"{name}:{node.lineno} imports {module} in a function"
 
 
 def test_the_loss_imports_alone():

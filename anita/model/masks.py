@@ -36,10 +36,11 @@ with its first branch through SDPA's unmasked causal kernel, each further branch
 the scores of the whole row, (Σ L)² per row, and on CUDA would rule out FlashAttention.
 `segment_mask` (and `Spans.mask`) is the definition the tests hold `attend_spans` to.
 
-Kernels: the unmasked calls run SDPA's flash kernel (CPU) or FlashAttention (CUDA). A branch's masked
-call runs the CPU flash kernel with its mask; on CUDA the memory-efficient kernel (`attend` in
-`anita.model.llama` makes sure it can; see its docstring), never the math kernel that would hold
-the attention weights.
+Kernels: on CPU the unmasked calls run SDPA's flash kernel and a branch's masked call the same kernel
+with its mask. On CUDA in bf16/fp16 the whole `Spans` batch is one FlashAttention varlen call
+(`anita.model.varlen`: no mask at all); in fp32, which FlashAttention lacks, the per-sequence calls
+run as on CPU, a branch's through the memory-efficient kernel (`attend` in `anita.model.llama`), never
+the math kernel that would hold the attention weights.
 
 Shapes: B rows, T tokens per row.
 """
