@@ -59,7 +59,8 @@ def check_bf16_device(device, what: str) -> None:
     if device.type == "cuda" and torch.cuda.is_available() and not bf16_native(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise AnitaError(f"{what}: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no "
-                         "bf16 (it needs 8.0 or later); use --precision fp32")
+                         "bf16 (it needs 8.0 or later); train in fp32: --precision fp32, with no bf16 --head-dtype "
+                         "or --adapter-dtype")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

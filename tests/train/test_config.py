@@ -167,7 +167,7 @@ def test_bf16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
     assert parse(REQUIRED + ["--device", "cuda"]).precision == "fp32"
     for flags in (["--precision", "bf16"], ["--head-dtype", "bf16"], ["--adapter-dtype", "bf16"]):
         with pytest.raises(AnitaError, match=r"command line: bf16 on device cuda: Tesla T4 \(compute capability "
-                                             r"7\.5\) has no bf16 \(it needs 8\.0 or later\); use --precision fp32"):
+                                             r"7\.5\) has no bf16 \(it needs 8\.0 or later\); train in fp32: --precision fp32"):
             parse(REQUIRED + ["--device", "cuda"] + flags)
 
 
