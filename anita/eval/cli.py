@@ -251,9 +251,10 @@ def register(sub) -> None:
 
 def add_chat_and_output_args(p) -> None:
     """lm-eval's flags for chat models and for its results files (--tasks only), in both spellings."""
-    p.add_argument("--apply-chat-template", "--apply_chat_template", nargs="?", const=True, metavar="",
+    p.add_argument("--apply-chat-template", "--apply_chat_template", nargs="?", const=True, metavar="NAME",
                    help="--tasks: render each prompt with the checkpoint's chat template, as lm-eval's hf model "
-                        "(multiple choice: the choices follow the assistant header, without the target delimiter)")
+                        "(multiple choice: the choices follow the assistant header, without the target delimiter); "
+                        "the default template only, a NAME is refused")
     p.add_argument("--system-instruction", "--system_instruction", metavar="TEXT",
                    help="--tasks: a system message before each prompt (with a chat template), else text put as is "
                         "before it (lm-eval's rule: end it with a space or newline)")

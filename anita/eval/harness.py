@@ -16,6 +16,12 @@ own `hf` model (`lm_eval/models/huggingface.py`, `HFLM`) gives on the same check
   end-of-sequence ids (generation_config.json, as transformers' `generate`) or once every row's text
   holds one of `until`; the text is then cut at the first stop string, as `HFLM` does.
 
+With lm-eval's `apply_chat_template` (and `fewshot_as_multiturn`, `system_instruction`) the harness
+builds each prompt as a chat and `AnitaLM.apply_chat_template` renders it as `HFLM` does, with the
+checkpoint's template (or the Llama 3 format anita writes out); `batch_size="auto"` / `"auto:N"`
+finds the batch as `HFLM` does (anita.eval.batch_size); `run_tasks` writes lm-eval's results files
+with lm-eval's own `EvaluationTracker` (`--output_path`, `--log_samples`).
+
 Special tokens follow `HFLM` (lm-eval 0.4.13): with `add_bos_token=None` (the default) a string is
 encoded with the tokenizer's own special tokens (a BOS for Llama 3; none for SmolLM2), `True`/`False`
 force them on/off, and a string that already starts with the BOS text gets none.

@@ -10,6 +10,7 @@ import torch
 
 from anita.errors import AnitaError
 from anita.eval import batch_size as bs
+from anita.eval import scoring
 from anita.eval.harness import HarnessRequests, generation_stop_ids
 from anita.lora import load_for_inference
 from tests.conftest import tiny_config, tiny_model
@@ -59,6 +60,22 @@ def test_auto_on_cpu_takes_the_largest_batch_within_half_the_available_memory(mo
     assert bs.auto_batch_size(model, 100, 64) == 8
     monkeypatch.setattr(bs, "available_memory", lambda: 10**15)
     assert bs.auto_batch_size(model, 100, 64) == 64  # the maximum, when everything fits
+
+
+def test_the_cuda_try_retries_smaller_on_out_of_memory(monkeypatch):
+    """The CUDA path's try, run here on the CPU model with the scoring forward failing above 8 rows
+    as a GPU out of memory fails (tests/test_cuda.py tries it on a GPU)."""
+    tried = []
+
+    def forward(model, pairs, greedy=False):
+        tried.append(len(pairs))
+        if len(pairs) > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return []
+
+    monkeypatch.setattr(scoring, "score_pairs", forward)
+    model = tiny_model()
+    assert bs.largest_batch(lambda rows: bs.cuda_fits(model, rows, 16), 64) == 8 and tried == [64, 32, 16, 8]
 
 
 @pytest.fixture(scope="module")
