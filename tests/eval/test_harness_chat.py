@@ -21,8 +21,19 @@ import pytest
 from anita.eval.harness import HarnessRequests
 from anita.lora import load_for_inference
 from anita.model import Tokenizer
-from tests.eval.harness_oracle import CHAT_CASES, CHAT_FIXTURE, checkpoint_dir, recorded_chats, run
-from tests.eval.test_harness import anita_responses, assert_same_metrics, assert_same_responses
+from tests.eval.harness_oracle import (
+    CHAT_CASES,
+    CHAT_FIXTURE,
+    checkpoint_dir,
+    recorded_chats,
+    run,
+)
+from tests.eval.test_harness import (
+    anita_responses,
+    assert_same_metrics,
+    assert_same_responses,
+)
+from tests.eval.tiny import TINY_CHAT_TEMPLATE, save_tiny
 
 # Live anita runs take these batch sizes in turn: the numbers may not depend on them.
 BATCH_SIZES = dict(zip(CHAT_CASES, ["auto", "auto:2", 1, "auto:3"]))
@@ -74,6 +85,21 @@ def test_llama3_format_written_out_renders_as_metas_template(saved, checkpoints,
     chats = saved["llama3-multiturn"]["chats"] + saved["llama3-singleturn"]["chats"]
     for chat, add_generation_prompt, want in chats:
         assert requests.apply_chat_template(chat, add_generation_prompt) == want
+
+
+def test_a_template_that_refuses_the_system_role_gets_the_chat_without_it(tmp_path, capsys):
+    """HFLM's fallback: a template raising on a system message (as Gemma's does) renders the chat
+    without it, with a warning on stderr; transformers renders that shorter chat the same way."""
+    refusing = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                "{% endif %}" + TINY_CHAT_TEMPLATE)
+    requests = renderer(save_tiny(tmp_path, refusing))
+    chat = [{"role": "system", "content": "Sii breve."}, {"role": "user", "content": "Chi?"}]
+    got = requests.apply_chat_template(chat)
+    assert got == "<|user|>\nChi?\n<|assistant|>\n" == requests.apply_chat_template(chat[1:])
+    assert "System role not supported; the chat is rendered without its system message" in capsys.readouterr().err
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template(chat[1:], tokenize=False, add_generation_prompt=True) == got
 
 
 @pytest.mark.parametrize("name", list(CHAT_CASES))

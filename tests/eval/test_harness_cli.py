@@ -188,3 +188,15 @@ def test_output_path_that_is_a_file_is_refused(tiny_dir, capsys, tmp_path):
     code, out, err = run(capsys, "--model", str(tiny_dir), "--tasks", "anita_mc_it", "--output_path", str(taken))
     assert code == 2 and out == "" and "exists and is not a folder" in err and err.count("\n") == 1
     assert taken.read_text() == "mine"
+
+
+def test_lm_evals_command_line_with_anita_refuses_in_one_line(chat_dir):
+    """`python -m anita.eval run --model anita`: what AnitaLM refuses ends it with one line, exit 2."""
+    pytest.importorskip("lm_eval")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "anita.eval", "run", "--model", "anita", "--model_args",
+                           f"pretrained={chat_dir}", "--device", "cpu", "--tasks", "anita_mc_it", "--include_path",
+                           str(TASKS_DIR), "--batch_size", "auto:x"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("anita: error: AnitaLM: batch_size must be a whole number")
