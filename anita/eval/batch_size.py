@@ -4,7 +4,7 @@ lm-evaluation-harness's `hf` model (`HFLM._detect_batch_size`) starts at `max_ba
 runs a forward pass of that many rows of the longest length, shrinking the batch on an out-of-memory
 error; `auto:N` finds it anew N times over the loglikelihood requests, longest first, so the shorter
 ones get bigger batches. anita does the same with two differences, both of speed only (a request's
-score does not depend on the rows beside it):
+score does not depend on the rows beside it, up to float32 rounding):
 
 - the batch halves on each failure (64, 32, ..., 1), where accelerate's search takes 0.9 of it;
 - on CUDA the probe is real: the scoring forward of B rows of T tokens plus a KV cache of that size
@@ -79,14 +79,15 @@ def cuda_fits(model, rows: int, length: int) -> bool:
     from anita.eval.scoring import score_pairs
     from anita.model.llama import KVCache
 
+    cache = None
     try:
         cache = KVCache(model.config, rows, length, dtype=model.dtype, device=model.device)
         score_pairs(model, [([0] * length, [0])] * rows, greedy=True)
-        del cache
         return True
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
+        del cache  # before the allocator hands its memory back
         torch.cuda.empty_cache()
 
 

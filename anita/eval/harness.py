@@ -323,9 +323,7 @@ class AnitaLM(LM):
         shipped template). anita renders the default template only: a template name is refused."""
         if chat_template is False or chat_template is None:
             return None
-        if chat_template is not True:
-            raise AnitaError(f"apply_chat_template {chat_template!r}: anita renders the checkpoint's default chat "
-                             "template; named templates are not supported (give the flag alone)")
+        chat_flags(chat_template, None, None)  # refuses a template name
         tok = self.requests.tokenizer
         if tok.chat_format is None:
             raise AnitaError(f"apply_chat_template: {self.pretrained} ships no chat template and is not a Llama 3 "
@@ -445,8 +443,7 @@ def run_tasks(lm, manager, names: list[str], num_fewshot: int | None = None, lim
 def save_results(tracker, results: dict, log_samples: bool) -> None:
     """What `lm_eval --output_path` writes, by its tracker (which edits what it is given: it gets copies)."""
     results = copy.deepcopy(results)
-    samples = results.pop("samples", None) if log_samples else None
-    results.pop("samples", None)
+    samples = results.pop("samples", None)  # there only with log_samples
     tracker.save_results_aggregated(results=results, samples=samples)
     results_file(tracker)  # the tracker only logs a failure to write
     for task in results["configs"] if log_samples else []:
