@@ -25,6 +25,8 @@ import re
 import torch
 
 from anita.errors import AnitaError
+from anita.eval.scoring import score_pairs
+from anita.model.llama import KVCache
 
 DEFAULT_MAX_BATCH_SIZE = 64  # HFLM's
 
@@ -76,9 +78,6 @@ def available_memory() -> int:
 
 def cuda_fits(model, rows: int, length: int) -> bool:
     """Whether the scoring forward of `rows` × `length` tokens, beside a KV cache as large, runs on the GPU."""
-    from anita.eval.scoring import score_pairs
-    from anita.model.llama import KVCache
-
     cache = None
     try:
         cache = KVCache(model.config, rows, length, dtype=model.dtype, device=model.device)

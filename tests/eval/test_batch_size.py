@@ -10,7 +10,6 @@ import torch
 
 from anita.errors import AnitaError
 from anita.eval import batch_size as bs
-from anita.eval import scoring
 from anita.eval.harness import HarnessRequests, generation_stop_ids
 from anita.lora import load_for_inference
 from tests.conftest import tiny_config, tiny_model
@@ -73,7 +72,7 @@ def test_the_cuda_try_retries_smaller_on_out_of_memory(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return []
 
-    monkeypatch.setattr(scoring, "score_pairs", forward)
+    monkeypatch.setattr(bs, "score_pairs", forward)
     model = tiny_model()
     assert bs.largest_batch(lambda rows: bs.cuda_fits(model, rows, 16), 64) == 8 and tried == [64, 32, 16, 8]
 
