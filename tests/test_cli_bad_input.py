@@ -166,6 +166,14 @@ CASES = {
                                  "{adapter_nan_tensor}"], "holds 1 non-finite value(s) (NaN or inf)"),
     "eval adapter nope": (["eval", "--model", "{model}", "--perplexity", "{text}", "--adapter",
                            "{adapter_nope_targets}"], "target_modules: 'nope_proj' matches no module"),
+    "eval tasks batch auto:x": (["eval", "--model", "{model}", "--tasks", "arc_it", "--batch_size", "auto:x"],
+                                "--batch-size must be a whole number >= 1, auto or auto:N"),
+    "eval multiturn no chat": (["eval", "--model", "{model}", "--tasks", "arc_it", "--fewshot_as_multiturn"],
+                               "--fewshot_as_multiturn needs --apply_chat_template"),
+    "eval samples no path": (["eval", "--model", "{model}", "--tasks", "arc_it", "--log_samples"],
+                             "--log_samples needs --output_path"),
+    "eval output_path a file": (["eval", "--model", "{model}", "--tasks", "arc_it", "--output_path", "{file}"],
+                                "exists and is not a folder"),
 }
 
 

@@ -116,6 +116,18 @@ def test_logits_and_greedy_tokens_on_the_gpu_equal_the_cpu():
     assert generate(gpu, prompt, max_new_tokens=24) == generate(model, prompt, max_new_tokens=24)
 
 
+def test_batch_size_auto_on_the_gpu_finds_a_batch_that_runs():
+    """batch_size=auto's real try: the tiny model fits the maximum; a row so long that even one
+    does not fit (its KV cache alone exceeds the GPU's memory) gives 1 after trying every size."""
+    from anita.eval.batch_size import auto_batch_size, cuda_fits
+
+    gpu = tiny_model("llama3.1", seed=3).cuda()
+    assert auto_batch_size(gpu, 64, max_batch_size=32) == 32
+    free, _ = torch.cuda.mem_get_info()
+    too_long = free // (2 * gpu.config.num_hidden_layers * gpu.config.num_key_value_heads * gpu.config.head_dim * 4) + 1
+    assert not cuda_fits(gpu, 1, too_long) and auto_batch_size(gpu, too_long, max_batch_size=4) == 1
+
+
 def qlora_model(path, device: str):
     model = from_pretrained(path, quantize="nf4", device=device)
     torch.manual_seed(0)

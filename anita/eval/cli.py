@@ -7,20 +7,33 @@ numbers (anita.eval.suite), printed as a table.
                [--batch-size N] [--limit N] [--seed S]
     anita eval --model DIR --perplexity FILE [--window N] [--stride N]
     anita eval --model DIR [--adapter DIR] [--quantize nf4] --tasks arc_it,hellaswag_it [--num-fewshot K]
-               [--limit N] [--include-path DIR] [--output results.json]
+               [--limit N] [--include-path DIR] [--output results.json] [--batch-size N|auto|auto:N]
+               [--apply_chat_template [--fewshot_as_multiturn [BOOL]]] [--system_instruction TEXT]
+               [--output_path DIR [--log_samples]]
     anita eval --model DIR --suite anita [--limit N] [--output results.json]
+
+lm-eval's own spellings of the flags (--num_fewshot, --batch_size, --include_path, ...) are accepted
+beside anita's (--num-fewshot, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-
+import os
 from pathlib import Path
 
 from anita.arguments import add_model_args
 from anita.errors import AnitaError
-from anita.eval.harness import AnitaLM, check_tasks, results_table, run_tasks, task_manager
+from anita.eval.batch_size import parse_batch_size
+from anita.eval.harness import (
+    AnitaLM,
+    chat_flags,
+    check_tasks,
+    results_table,
+    run_tasks,
+    task_manager,
+)
 from anita.eval.mc import evaluate_mc, read_questions
 from anita.eval.perplexity import evaluate_perplexity, read_texts
 from anita.eval.suite import by_shots, get_suite, suite_scores, suite_table
@@ -35,6 +48,11 @@ def check_positive(name: str, value: int | None, minimum: int = 1) -> None:
 
 # Flags of --task with their defaults; None on the command line means "not given".
 TASK_DEFAULTS = {"num_fewshot": 0, "batch_size": 8, "seed": 1234}
+# Flags of --tasks alone (lm-eval's chat and output settings), as the user spells them.
+TASKS_ONLY = {"apply_chat_template": "--apply_chat_template", "system_instruction": "--system_instruction",
+              "fewshot_as_multiturn": "--fewshot_as_multiturn", "output_path": "--output_path",
+              "log_samples": "--log_samples"}
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def run_mc(args, model, tokenizer, questions, pool) -> dict:
@@ -46,15 +64,24 @@ def run_mc(args, model, tokenizer, questions, pool) -> dict:
 def check_flags(args) -> None:
     """Refuse a flag that the chosen kind of evaluation would ignore, and out-of-range numbers; then
     fill in the defaults of the flags not given."""
-    check_positive("--batch-size", args.batch_size)
     check_positive("--limit", args.limit)
     check_positive("--num-fewshot", args.num_fewshot, minimum=0)
+    check_positive("--max-batch-size", args.max_batch_size)
+    if args.batch_size is not None:
+        rows, auto = parse_batch_size(args.batch_size, "--batch-size")
+        args.batch_size = rows if rows is not None else args.batch_size
+        if auto and not (args.tasks or args.suite):
+            raise AnitaError(f"--batch-size {args.batch_size}: only for --tasks and --suite; give a number")
     if args.tasks or args.suite:
         check_harness_flags(args)
         args.batch_size = TASK_DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size
         args.seed = TASK_DEFAULTS["seed"] if args.seed is None else args.seed
         return  # --num-fewshot None: each task's own
-    harness_only = [f for f, v in [("--include-path", args.include_path), ("--output", args.output)] if v is not None]
+    tasks_only = tasks_only_flags(args)
+    if tasks_only:
+        raise AnitaError(f"{', '.join(tasks_only)}: only for --tasks")
+    harness_only = [f for f, v in [("--include-path", args.include_path), ("--output", args.output),
+                                   ("--max-batch-size", args.max_batch_size)] if v is not None]
     if harness_only:
         raise AnitaError(f"{', '.join(harness_only)}: only for --tasks and --suite")
     if args.perplexity:
@@ -87,12 +114,56 @@ def check_harness_flags(args) -> None:
         raise AnitaError(f"{args.output}: exists; choose another --output (nothing is overwritten)")
     if args.output and not Path(args.output).parent.is_dir():
         raise AnitaError(f"{args.output}: its directory does not exist")
+    if args.max_batch_size is not None and not str(args.batch_size).startswith("auto"):
+        raise AnitaError("--max-batch-size: only with --batch-size auto (where the search starts)")
+    check_chat_and_output_flags(args)
+
+
+def tasks_only_flags(args) -> list[str]:
+    return [flag for name, flag in TASKS_ONLY.items() if getattr(args, name) not in (None, False)]
+
+
+def check_chat_and_output_flags(args) -> None:
+    """lm-eval's chat and output flags, for --tasks: settled as lm-eval's command line settles them."""
+    if args.suite:
+        if tasks_only_flags(args):
+            raise AnitaError(f"{', '.join(tasks_only_flags(args))}: only for --tasks (--suite runs the paper's "
+                             "settings)")
+        return
+    multiturn = args.fewshot_as_multiturn
+    if multiturn is not None:
+        if str(multiturn).lower() not in TRUE + FALSE:
+            raise AnitaError(f"--fewshot_as_multiturn {multiturn!r}: expected true or false (or the flag alone)")
+        multiturn = str(multiturn).lower() in TRUE
+    args.fewshot_as_multiturn = chat_flags(args.apply_chat_template, args.system_instruction, multiturn)
+    if args.log_samples and args.output_path is None:
+        raise AnitaError("--log_samples needs --output_path (lm-eval writes the samples there)")
+    if args.output_path is not None:
+        check_output_path(Path(args.output_path))
+
+
+def check_output_path(path: Path) -> None:
+    """lm-eval writes DIR/<model>/results_<time>.json (or NAME_<time>.json beside NAME.json), making
+    the folders: the path must be a folder or not exist yet, under a folder anita may write in."""
+    if path.suffix != ".json" and path.exists() and not path.is_dir():
+        raise AnitaError(f"--output_path {path}: exists and is not a folder")
+    existing = path.parent if path.suffix == ".json" else path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise AnitaError(f"--output_path {path}: {existing} is not a folder anita can write in")
+
+
+def harness_model_args(args) -> dict:
+    """The AnitaLM arguments of the command line (also logged as the results' model_args)."""
+    extra = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
+    return {"pretrained": args.model, "adapter": args.adapter, "quantize": args.quantize, "dtype": args.dtype,
+            "device": args.device, "batch_size": args.batch_size, "add_bos_token": True if args.add_bos else None,
+            **extra}
 
 
 def harness_model(args) -> AnitaLM:
-    return AnitaLM(pretrained=args.model, adapter=args.adapter, quantize=args.quantize, dtype=args.dtype,
-                   device=args.device, batch_size=args.batch_size, add_bos_token=True if args.add_bos else None,
-                   progress=args.progress)
+    return AnitaLM(**harness_model_args(args), progress=args.progress)
 
 
 def run_harness(args) -> int:
@@ -111,7 +182,11 @@ def run_harness(args) -> int:
         print(suite_table(scores, suite, Path(args.model).name or args.model))
         output = {"suite": args.suite, "scores": scores, "runs": runs}
     else:
-        output = run_tasks(lm, manager, names, args.num_fewshot, args.limit, args.seed)
+        output = run_tasks(lm, manager, names, args.num_fewshot, args.limit, args.seed,
+                           apply_chat_template=bool(args.apply_chat_template), system_instruction=args.system_instruction,
+                           fewshot_as_multiturn=args.fewshot_as_multiturn, log_samples=args.log_samples,
+                           output_path=args.output_path, model_args=harness_model_args(args))
+        output.pop("samples", None)  # in --output_path's samples files
         print(results_table(output))
     if args.output:
         write_json(args.output, json.loads(json.dumps(output, default=str)))
@@ -150,8 +225,14 @@ def register(sub) -> None:
                       "m_mmlu_it) beside the published numbers")
     p.add_argument("--fewshot-file", metavar="FILE", help="few-shot examples (same format as --task); "
                    "default: the task's other questions")
-    p.add_argument("--num-fewshot", type=int, help="examples before each question (default 0; --tasks: the task's)")
-    p.add_argument("--batch-size", type=int, help="choices scored per forward pass (default 8)")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int,
+                   help="examples before each question (default 0; --tasks: the task's)")
+    p.add_argument("--batch-size", "--batch_size", metavar="N",
+                   help="choices scored per forward pass (default 8); --tasks/--suite also take auto (the largest "
+                        "batch that fits, found per request type; docs/eval.md) or auto:N (found N times over the "
+                        "loglikelihood requests, longest first), as lm-eval's hf model")
+    p.add_argument("--max-batch-size", "--max_batch_size", type=int,
+                   help="with --batch-size auto: the batch the search starts from (default 64, lm-eval's)")
     p.add_argument("--limit", type=int, help="score only the first N questions (default: all)")
     p.add_argument("--seed", type=int, help="few-shot sampling seed (default 1234, the harness's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -162,6 +243,27 @@ def register(sub) -> None:
                         "default, as lm-eval 0.4.13 does")
     p.add_argument("--window", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="perplexity stride in tokens (default: half the window)")
-    p.add_argument("--include-path", metavar="DIR", help="--tasks: a directory of task YAML files to add")
+    p.add_argument("--include-path", "--include_path", metavar="DIR",
+                   help="--tasks: a directory of task YAML files to add")
     p.add_argument("--output", metavar="FILE", help="--tasks/--suite: write the harness's results as JSON")
+    add_chat_and_output_args(p)
+
+
+def add_chat_and_output_args(p) -> None:
+    """lm-eval's flags for chat models and for its results files (--tasks only), in both spellings."""
+    p.add_argument("--apply-chat-template", "--apply_chat_template", nargs="?", const=True, metavar="NAME",
+                   help="--tasks: render each prompt with the checkpoint's chat template, as lm-eval's hf model "
+                        "(multiple choice: the choices follow the assistant header, without the target delimiter); "
+                        "the default template only, a NAME is refused")
+    p.add_argument("--system-instruction", "--system_instruction", metavar="TEXT",
+                   help="--tasks: a system message before each prompt (with a chat template), else text put as is "
+                        "before it (lm-eval's rule: end it with a space or newline)")
+    p.add_argument("--fewshot-as-multiturn", "--fewshot_as_multiturn", nargs="?", const="true", metavar="BOOL",
+                   help="--tasks: few-shot examples as user/assistant turns (default with --apply_chat_template, "
+                        "which it needs); false: one user turn holding them all")
+    p.add_argument("--output-path", "--output_path", metavar="DIR",
+                   help="--tasks: lm-eval's results JSON in its layout, DIR/<model>/results_<time>.json")
+    p.add_argument("--log-samples", "--log_samples", action="store_true",
+                   help="--tasks: also every request and answer, DIR/<model>/samples_<task>_<time>.jsonl "
+                        "(needs --output_path)")
     p.set_defaults(func=run_eval)

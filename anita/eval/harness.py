@@ -16,6 +16,12 @@ own `hf` model (`lm_eval/models/huggingface.py`, `HFLM`) gives on the same check
   end-of-sequence ids (generation_config.json, as transformers' `generate`) or once every row's text
   holds one of `until`; the text is then cut at the first stop string, as `HFLM` does.
 
+With lm-eval's `apply_chat_template` (and `fewshot_as_multiturn`, `system_instruction`) the harness
+builds each prompt as a chat and `AnitaLM.apply_chat_template` renders it as `HFLM` does, with the
+checkpoint's template (or the Llama 3 format anita writes out); `batch_size="auto"` / `"auto:N"`
+finds the batch as `HFLM` does (anita.eval.batch_size); `run_tasks` writes lm-eval's results files
+with lm-eval's own `EvaluationTracker` (`--output_path`, `--log_samples`).
+
 Special tokens follow `HFLM` (lm-eval 0.4.13): with `add_bos_token=None` (the default) a string is
 encoded with the tokenizer's own special tokens (a BOS for Llama 3; none for SmolLM2), `True`/`False`
 force them on/off, and a string that already starts with the BOS text gets none.
@@ -31,6 +37,7 @@ registered) and `import anita.eval.harness` before `lm_eval.simple_evaluate(mode
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -38,6 +45,11 @@ import warnings
 from pathlib import Path
 
 from anita.errors import AnitaError
+from anita.eval.batch_size import (
+    DEFAULT_MAX_BATCH_SIZE,
+    auto_batch_size,
+    parse_batch_size,
+)
 from anita.eval.mc import encode_pair, truncate_left
 from anita.eval.perplexity import harness_windows, rolling_nlls
 from anita.eval.scoring import score_requests
@@ -95,11 +107,16 @@ class HarnessRequests:
     """anita's answers to the harness's three request types, on plain argument tuples (what an
     `Instance.args` holds), so they can be used and tested without lm-eval installed."""
 
-    def __init__(self, model, tokenizer, stop_ids: list[int], batch_size: int = 8, max_length: int | None = None,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, add_bos_token: bool | None = None):
+    def __init__(self, model, tokenizer, stop_ids: list[int], batch_size: int | str = 8, max_length: int | None = None,
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, add_bos_token: bool | None = None,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
-        self.batch_size, self.max_gen_toks, self.add_bos_token = batch_size, max_gen_toks, add_bos_token
+        self.max_gen_toks, self.add_bos_token = max_gen_toks, add_bos_token
         self.max_length = model.config.max_position_embeddings if max_length is None else max_length
+        # A number, or None with `auto_times` (batch_size="auto:N"): found per request type and part.
+        self.batch_size, self.auto_times = parse_batch_size(batch_size, "AnitaLM: batch_size")
+        self.max_batch_size = max_batch_size
+        self.batch_sizes: dict[str, int] = {}  # what `auto` found, by request type (and part)
 
     # ------------------------------------------------------------------------ tokens
     @property
@@ -120,6 +137,48 @@ class HarnessRequests:
     def tok_encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.special_tokens(text))
 
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """A chat (the harness's few-shot turns and question) as the prompt string, as `HFLM` renders it:
+        with the checkpoint's template, ending in the assistant's header, or — add_generation_prompt
+        False, a task's gen_prefix — inside the last message, to be continued. A template that refuses
+        the system role gets the chat without it (HFLM's fallback, with its warning)."""
+        def render(chat):
+            return self.tokenizer.render_chat(chat, add_generation_prompt=add_generation_prompt,
+                                              continue_final_message=not add_generation_prompt)
+
+        try:
+            return render(chat_history)
+        except AnitaError as e:
+            if not any(m.get("role") == "system" for m in chat_history):
+                raise
+            print(f"anita: warning: {e}; the chat is rendered without its system message", file=sys.stderr)
+            return render([m for m in chat_history if m.get("role") != "system"])
+
+    # -------------------------------------------------------------------------- batches
+    def rows_per_batch(self, kind: str, length: int) -> int:
+        """The batch size given, or (auto) the largest that fits rows of `length` tokens."""
+        if self.batch_size is not None:
+            return self.batch_size
+        self.batch_sizes[kind] = auto_batch_size(self.model, length, self.max_batch_size)
+        return self.batch_sizes[kind]
+
+    def parts(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+        """Request indices in the parts that get a batch size each: all in one, or (auto:N) longest
+        first in N about equal parts (HFLM's schedule), the requests of one context kept together
+        so they still share its pass."""
+        if self.auto_times in (None, 1):
+            return [list(range(len(pairs)))]
+        groups: dict[tuple, list[int]] = {}
+        for i, (context, _) in enumerate(pairs):
+            groups.setdefault(tuple(context), []).append(i)
+        longest = {key: max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx) for key, idx in groups.items()}
+        size, out = -(-len(pairs) // self.auto_times), [[]]
+        for key in sorted(groups, key=lambda k: -longest[k]):
+            if len(out[-1]) >= size:
+                out.append([])
+            out[-1] += groups[key]
+        return out
+
     # ------------------------------------------------------------------- the three requests
     def loglikelihood(self, args: list[tuple[str, str]], progress: bool = False) -> list[tuple[float, bool]]:
         """(log p(continuation | context), is_greedy) per (context, continuation)."""
@@ -132,14 +191,21 @@ class HarnessRequests:
                 raise AnitaError(f"loglikelihood: continuation of {len(cont)} tokens, longer than max_length "
                                  f"{self.max_length}")
             pairs.append((truncate_left(ctx, cont, self.max_length), cont))
-        scores = score_requests(self.model, pairs, self.batch_size, greedy=True, progress=progress)
-        return [(s.logprob, s.greedy) for s in scores]
+        if not pairs:
+            return []
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for n, part in enumerate(self.parts(pairs)):
+            rows = self.rows_per_batch(f"loglikelihood {n}", max(len(pairs[i][0]) + len(pairs[i][1]) - 1 for i in part))
+            scores = score_requests(self.model, [pairs[i] for i in part], rows, greedy=True, progress=progress)
+            for i, s in zip(part, scores):
+                out[i] = (s.logprob, s.greedy)
+        return out
 
     def loglikelihood_rolling(self, texts: list[str], progress: bool = False) -> list[float]:
         """log p(text) per text, BOS first, in the harness's windows."""
         documents = [[self.prefix_token_id] + self.tok_encode(text) for text in texts]
-        nlls = rolling_nlls(self.model, documents, lambda n: harness_windows(n, self.max_length), self.batch_size,
-                            progress)
+        nlls = rolling_nlls(self.model, documents, lambda n: harness_windows(n, self.max_length),
+                            self.rows_per_batch("loglikelihood_rolling", self.max_length), progress)
         return [-nll for nll in nlls]
 
     def generate_until(self, args: list[tuple[str, dict]]) -> list[str]:
@@ -148,12 +214,13 @@ class HarnessRequests:
         groups: dict[str, list[int]] = {}
         for i, (_, gen_kwargs) in enumerate(args):
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+        rows = self.rows_per_batch("generate_until", self.max_length) if args else 1
         for idx in groups.values():
             settings = self.generation_settings(args[idx[0]][1])
             encoded = {i: self.tok_encode(args[i][0]) for i in idx}
             idx.sort(key=lambda i: -len(encoded[i]))  # longest first, as HFLM, so a batch holds similar lengths
-            for start in range(0, len(idx), self.batch_size):
-                batch = idx[start:start + self.batch_size]
+            for start in range(0, len(idx), rows):
+                batch = idx[start:start + rows]
                 for i, text in zip(batch, self.generate_batch([encoded[i] for i in batch], **settings)):
                     out[i] = text
         return out
@@ -207,21 +274,21 @@ class AnitaLM(LM):
 
     def __init__(self, pretrained: str, adapter: str | None = None, quantize: str | None = None,
                  dtype: str = "float32", device: str = "cpu", batch_size=8, max_length=None,
-                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None, progress=True):
+                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None, progress=True,
+                 max_batch_size=DEFAULT_MAX_BATCH_SIZE):
         require_lm_eval()
         super().__init__()
-        if str(batch_size).startswith("auto"):
-            raise AnitaError("AnitaLM: batch_size=auto is not supported; give a number of rows per forward pass")
-        batch_size = positive_int("batch_size", batch_size)  # arguments first: a typo fails before loading
+        parse_batch_size(batch_size, "AnitaLM: batch_size")  # arguments first: a typo fails before loading
         max_length = None if max_length is None else positive_int("max_length", max_length)
         max_gen_toks, add_bos_token = positive_int("max_gen_toks", max_gen_toks), optional_bool("add_bos_token",
                                                                                                add_bos_token)
+        max_batch_size = positive_int("max_batch_size", max_batch_size)
         model, tokenizer = load_for_inference(pretrained, adapter, dtype, device, quantize)
         stop_ids = generation_stop_ids(resolve_model_dir(pretrained), model.config)
         self.requests = HarnessRequests(model, tokenizer, stop_ids, batch_size, max_length, max_gen_toks,
-                                        add_bos_token)
+                                        add_bos_token, max_batch_size)
         self._device = model.device
-        self.pretrained, self.adapter = str(pretrained), adapter
+        self.pretrained, self.adapter, self.batch_size = str(pretrained), adapter, batch_size  # as given: 8, auto:4
         self.progress = optional_bool("progress", progress) is not False  # a bar of requests on stderr
 
     @property
@@ -245,9 +312,32 @@ class AnitaLM(LM):
             self.cache_hook.add_partial(kind, r.args, a)
         return answers
 
+    # ------------------------------------------------------------------- chat templates
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """What the harness calls with --apply_chat_template (HarnessRequests.apply_chat_template)."""
+        return self.requests.apply_chat_template(chat_history, add_generation_prompt)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template the prompts are rendered with, as the harness logs it: the checkpoint's Jinja
+        template, or "llama3" for the Llama 3 format anita writes out (a vocabulary without a
+        shipped template). anita renders the default template only: a template name is refused."""
+        if chat_template is False or chat_template is None:
+            return None
+        chat_flags(chat_template, None, None)  # refuses a template name
+        tok = self.requests.tokenizer
+        if tok.chat_format is None:
+            raise AnitaError(f"apply_chat_template: {self.pretrained} ships no chat template and is not a Llama 3 "
+                             "vocabulary")
+        return tok.chat_template if tok.chat_format == "template" else "llama3"
+
     @property
     def tokenizer_name(self) -> str:
         return self.pretrained.replace("/", "__")
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        """The batch sizes batch_size=auto found (the harness's results config lists them)."""
+        return self.requests.batch_sizes
 
     def get_model_info(self) -> dict:
         return {"pretrained": self.pretrained, "adapter": self.adapter, "max_length": self.max_length}
@@ -305,15 +395,70 @@ def check_tasks(manager, names: list[str]) -> None:
             raise AnitaError(f"task {name}: lm-eval cannot load its data: {first_line}{hint}") from None
 
 
-def run_tasks(lm, manager, names: list[str], num_fewshot: int | None = None, limit: int | None = None,
-              seed: int = 1234) -> dict:
-    """`lm_eval.simple_evaluate` on `lm` (an `AnitaLM`): the harness's results dictionary. `seed` is
-    the few-shot sampling seed (the harness's default 1234)."""
-    from lm_eval import simple_evaluate
+def chat_flags(apply_chat_template, system_instruction: str | None, fewshot_as_multiturn: bool | None) -> bool:
+    """fewshot_as_multiturn as lm-eval's command line settles it — on by default with a chat template,
+    refused without one — after refusing what anita cannot honour: a named template (anita renders
+    the checkpoint's default one) and an empty system instruction (which lm-eval drops silently)."""
+    if apply_chat_template not in (True, False, None):
+        raise AnitaError(f"--apply_chat_template {apply_chat_template!r}: anita renders the checkpoint's default chat "
+                         "template; named templates are not supported (give the flag alone)")
+    if system_instruction is not None and not system_instruction.strip():
+        raise AnitaError("--system_instruction is empty; give its text (lm-eval would silently drop it)")
+    if apply_chat_template:
+        return True if fewshot_as_multiturn is None else fewshot_as_multiturn
+    if fewshot_as_multiturn:
+        raise AnitaError("--fewshot_as_multiturn needs --apply_chat_template (few-shot examples become chat turns "
+                         "only in a chat; lm-eval refuses it too)")
+    return False
 
+
+def run_tasks(lm, manager, names: list[str], num_fewshot: int | None = None, limit: int | None = None,
+              seed: int = 1234, *, apply_chat_template: bool | str = False, system_instruction: str | None = None,
+              fewshot_as_multiturn: bool | None = None, log_samples: bool = False, output_path=None,
+              model_args: dict | None = None) -> dict:
+    """`lm_eval.simple_evaluate` on `lm` (an `AnitaLM`): the harness's results dictionary (with
+    "samples" when `log_samples`). `seed` is the few-shot sampling seed (the harness's default 1234).
+    The chat settings are lm-eval's (`chat_flags`); with `output_path` lm-eval's own
+    `EvaluationTracker` writes its results JSON (and with `log_samples` a samples JSONL per task) in
+    its layout: DIR/<model_args' pretrained, sanitized>/results_<time>.json (`results_file`)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    multiturn = chat_flags(apply_chat_template, system_instruction, fewshot_as_multiturn)
+    if apply_chat_template:
+        lm.chat_template(True)  # a checkpoint without a template fails here, before any request
+    tracker = EvaluationTracker(output_path=str(output_path)) if output_path is not None else None
     with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress; stdout is for the results
-        return simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                               log_samples=False, fewshot_random_seed=seed)
+        results = simple_evaluate(model=lm, model_args=model_args or {}, tasks=names, task_manager=manager,
+                                  num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+                                  batch_size=getattr(lm, "batch_size", None),  # only logged (as lm-eval does)
+                                  fewshot_random_seed=seed, evaluation_tracker=tracker,
+                                  apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+                                  fewshot_as_multiturn=multiturn)
+        if tracker is not None:
+            save_results(tracker, results, log_samples)
+    return results
+
+
+def save_results(tracker, results: dict, log_samples: bool) -> None:
+    """What `lm_eval --output_path` writes, by its tracker (which edits what it is given: it gets copies)."""
+    results = copy.deepcopy(results)
+    samples = results.pop("samples", None)  # there only with log_samples
+    tracker.save_results_aggregated(results=results, samples=samples)
+    results_file(tracker)  # the tracker only logs a failure to write
+    for task in results["configs"] if log_samples else []:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+
+
+def results_file(tracker) -> Path:
+    """The results JSON the tracker wrote (lm-eval 0.4.13's naming): DIR/<model>/results_<time>.json,
+    or NAME_<time>.json beside an output_path NAME.json."""
+    path, date = Path(tracker.output_path), getattr(tracker, "date_id", None)
+    file = (path.with_name(f"{path.stem}_{date}.json") if path.suffix == ".json"
+            else path / str(tracker.general_config_tracker.model_name_sanitized) / f"results_{date}.json")
+    if date is None or not file.is_file():
+        raise AnitaError(f"{tracker.output_path}: lm-eval could not write its results there")
+    return file
 
 
 def results_table(results: dict) -> str:

@@ -30,6 +30,7 @@ from anita.hub import resolve_model_dir
 LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 # End-of-turn markers of the common chat formats; generation stops on any that the vocab has.
 END_OF_TURN = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where a continued message ends
 
 
 def render_llama3(messages: list[dict], add_generation_prompt: bool, bos_token: str = "<|begin_of_text|>") -> str:
@@ -149,14 +150,31 @@ class Tokenizer:
         return all(self.backend.token_to_id(t) is not None for t in LLAMA3_SPECIAL)
 
     # ------------------------------------------------------------------------------ chat
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    continue_final_message: bool = False) -> str:
+        """The chat as one string. `continue_final_message`: cut right after the last message's
+        content (no end-of-turn marker), so the model continues it — transformers' rule: the content
+        is tagged, rendered, and the text cut where the tag starts (and stripped of trailing
+        whitespace when the template trims the content)."""
         check_messages(messages)
         if self.chat_format is None:
             raise AnitaError(f"{self.source}: no chat template shipped and not a Llama 3 vocabulary")
+        if continue_final_message:
+            if add_generation_prompt:
+                raise AnitaError("chat: continue_final_message and add_generation_prompt exclude each other")
+            tagged = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + CONTINUE_TAG}]
+            text = self.render_chat(tagged)
+            at = text.rfind(CONTINUE_TAG.strip())
+            if at < 0 or messages[-1]["content"].strip() not in text:
+                raise AnitaError(f"chat template ({self.source}) drops the final message, which cannot be continued")
+            return text[:at] if text.startswith(CONTINUE_TAG, at) else text[:at].rstrip()
         if self.chat_format == "llama3":
             return render_llama3(messages, add_generation_prompt, self.bos_token or "<|begin_of_text|>")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as e:
+            raise AnitaError(f"chat template ({self.source}) fails on these messages: {e}") from None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             return_assistant_mask: bool = False):

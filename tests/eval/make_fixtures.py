@@ -17,7 +17,9 @@
 The saved fixture keeps all of it checked where lm-eval and transformers are absent.
 
 `python tests/eval/make_fixtures.py harness` (re)writes only tests/eval/fixtures/harness_hf.json:
-the local harness tasks run by lm-eval's own `hf` model (`harness_oracle.hf_fixture`).
+the local harness tasks run by lm-eval's own `hf` model (`harness_oracle.hf_fixture`);
+`python tests/eval/make_fixtures.py chat` only fixtures/harness_chat_hf.json: the same tasks as chat
+prompts, with the chats the `hf` model rendered (`harness_oracle.hf_chat_fixture`).
 """
 
 import json
@@ -135,13 +137,15 @@ def sample_contexts(model: str, contexts: list[str] | None = None):
 
 
 def main():
+    from tests.eval.harness_oracle import CHAT_FIXTURE, hf_chat_fixture, hf_fixture
     from tests.eval.harness_oracle import FIXTURE as HARNESS_FIXTURE
-    from tests.eval.harness_oracle import hf_fixture
     from tests.eval.tiny import save_tiny
 
-    with tempfile.TemporaryDirectory() as d:
-        HARNESS_FIXTURE.write_text(json.dumps(hf_fixture(d), indent=1, ensure_ascii=False) + "\n")
-    if sys.argv[1:] == ["harness"]:
+    for name, fixture, make in [("chat", CHAT_FIXTURE, hf_chat_fixture), ("harness", HARNESS_FIXTURE, hf_fixture)]:
+        if sys.argv[1:] in ([], [name]):
+            with tempfile.TemporaryDirectory() as d:
+                fixture.write_text(json.dumps(make(d), indent=1, ensure_ascii=False) + "\n")
+    if sys.argv[1:]:
         return
 
     fewshot = {name: {**setting, "contexts": harness_contexts(**setting)} for name, setting in FEWSHOT.items()}

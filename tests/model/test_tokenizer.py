@@ -102,3 +102,29 @@ def test_bad_messages_are_rejected(llama3, messages):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(AnitaError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# The last message continued (transformers' continue_final_message; lm-eval asks for it when a task
+# has a gen_prefix): a template that keeps the content's whitespace (SmolLM2's ChatML) is cut right
+# after the content, one that trims it (Llama 3's) right after the stripped content.
+CONTINUED = [[{"role": "user", "content": "Chi era Dante?"}, {"role": "assistant", "content": "Risposta:"}],
+             [{"role": "system", "content": "Sii breve."}, {"role": "user", "content": "Chi?"},
+              {"role": "assistant", "content": "La risposta è "}]]
+
+
+@pytest.mark.parametrize("messages", CONTINUED)
+@pytest.mark.parametrize("which", ["llama3-template", "llama3-native", "smollm2"])
+def test_continue_final_message_equals_transformers(which, messages, llama3_tokenizer_dir, smollm2_dir):
+    transformers = pytest.importorskip("transformers")
+    path = smollm2_dir if which == "smollm2" else llama3_tokenizer_dir
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    if which.startswith("llama3"):
+        hf.chat_template = LLAMA3_TEMPLATE
+    ours = Tokenizer.from_pretrained(path)
+    if which == "llama3-template":
+        ours = Tokenizer(ours.backend, {"bos_token": ours.bos_token, "eos_token": ours.eos_token}, LLAMA3_TEMPLATE)
+    want = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert ours.render_chat(messages, continue_final_message=True) == want
+    assert not want.endswith(("<|eot_id|>", "<|im_end|>\n"))
+    with pytest.raises(AnitaError, match="exclude each other"):
+        ours.render_chat(messages, add_generation_prompt=True, continue_final_message=True)
