@@ -31,7 +31,10 @@ def bf16_native(device) -> bool:
     """Whether `device` computes bf16 natively: a CUDA GPU of compute capability 8.0 or later (Ampere:
     A100, RTX 30xx, H100, ...; not through emulation), or a CPU whose oneDNN has bf16 kernels (AVX-512
     or AMX). Elsewhere torch still runs bf16, emulated and slowly (a CPU with AVX2 only, a V100 or T4)."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # not a device: `anita.runtime.parse_device` says so
+        return False
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and \

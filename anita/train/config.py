@@ -157,12 +157,17 @@ class TrainConfig:
                                     "tensorboard (event files in OUTPUT/tensorboard), trackio (its local "
                                     "database), or none; pip install 'anita[track]' (docs/training.md)")
 
+    def __post_init__(self):
+        # The dtypes left unset (None) are what a TRL user gets on this device (`anita.dtypes.training_dtypes`),
+        # fixed here so that run.json, the first line and every reader see the dtypes the run uses.
+        self.precision, self.head_dtype, self.adapter_dtype = training_dtypes(
+            self.device, self.qlora, self.precision, self.head_dtype, self.adapter_dtype)
+
     def validate(self, source: str = "config", given: set[str] = frozenset()) -> "TrainConfig":
         """Raise AnitaError naming the first field that is missing, out of range, or set but unused.
 
         `given` names the fields the user set (flags, config-file keys); a fresh adapter's settings
-        set beside --adapter are refused even when they equal the defaults. The dtypes left unset
-        (precision, head_dtype, adapter_dtype) are filled in for the device (`training_dtypes`)."""
+        set beside --adapter are refused even when they equal the defaults."""
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise AnitaError(f"{source}: {name!r} is required (flag --{name.replace('_', '-')})")
@@ -198,8 +203,6 @@ class TrainConfig:
             raise AnitaError(f"{source}: set either 'batch_size' (rows per micro-batch) or 'max_tokens' (a token "
                              "budget per micro-batch), not both")
         check_held_out(self, source)
-        self.precision, self.head_dtype, self.adapter_dtype = training_dtypes(
-            self.device, self.qlora, self.precision, self.head_dtype, self.adapter_dtype)
         if "bf16" in (self.precision, self.head_dtype, self.adapter_dtype):
             check_bf16_device(self.device, f"{source}: bf16 on device {self.device}")
         check_report_to(self.report_to, source)
