@@ -62,7 +62,8 @@ def varlen_layout(spans: Spans, T: int, device: torch.device) -> VarlenLayout:
         for start, shared_end, *ends in row:
             first = ends[0] if ends else shared_end
             pieces = [(start, first, [(start, first)])]  # (query lo, hi, key ranges)
-            pieces += [(lo, hi, [(start, shared_end), (lo, hi)]) for lo, hi in zip(ends, ends[1:])]
+            pieces += [(lo, hi, [(start, shared_end), (lo, hi)])
+                       for lo, hi in zip(ends, ends[1:]) if hi > lo]  # an empty branch has no queries
             for lo, hi, key_ranges in pieces:
                 q_parts.append(torch.arange(b * T + lo, b * T + hi))
                 k_parts += [torch.arange(b * T + k0, b * T + k1) for k0, k1 in key_ranges]

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from anita.model import varlen
 from anita.model.llama import attend, attention_mask_4d
 from anita.model.masks import Spans
-from anita.model.varlen import attend_varlen, flash_applies, varlen_layout, varlen_reference
+from anita.model.varlen import (
+    attend_varlen,
+    flash_applies,
+    varlen_layout,
+    varlen_reference,
+)
 
 PACKED = Spans((((0, 3), (3, 7)), ((0, 9),), ((0, 2), (2, 3), (3, 8))))  # packed SFT rows, padding in two
 SHARED = Spans((((0, 4, 6, 9),), ((0, 1, 5, 6), (6, 8, 9, 9)), ((0, 3, 4, 7),)))  # pairs; one empty rejected
