@@ -13,6 +13,8 @@ Anything else raises `AnitaError`; nothing is guessed.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from anita.errors import AnitaError
@@ -25,29 +27,32 @@ ADAPTER_DTYPES = (torch.float32, torch.bfloat16)
 MATH_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the losses accept
 WEIGHT_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the CLI's --dtype choices
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a training run's --precision
+PRECISION_ENV = "ANITA_PRECISION"  # a bare command's --precision, where set (else from the device)
 
 
 def bf16_native(device) -> bool:
     """Whether `device` computes bf16 natively: a CUDA GPU of compute capability 8.0 or later (Ampere:
-    A100, RTX 30xx, H100, ...; not through emulation), or a CPU whose oneDNN has bf16 kernels (AVX-512
-    or AMX). Elsewhere torch still runs bf16, emulated and slowly (a CPU with AVX2 only, a V100 or T4)."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):  # not a device: `anita.runtime.parse_device` says so
-        return False
-    if device.type == "cuda":
+    A100, RTX 30xx, H100, ...; not through emulation), or a CPU with AVX512-BF16 or AMX instructions.
+    Elsewhere torch still runs bf16, emulated and slower than fp32 (AVX2 or plain AVX-512, a V100, a T4)."""
+    device = _device(device)
+    if device is not None and device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device is not None and device.type == "cpu" and \
+        (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def training_dtypes(device, qlora: bool, precision: str | None = None, head_dtype: str | None = None,
                     adapter_dtype: str | None = None) -> tuple[str, str, str]:
     """(precision, head_dtype, adapter_dtype) of a training run, each "fp32" or "bf16": the ones given,
-    and for those left None what a TRL user gets. precision: bf16 where `device` computes it natively,
-    else fp32. head_dtype: the precision's (HF runs lm_head under autocast; the log-softmax stays fp32).
+    and for those left None what a TRL user gets. precision: $ANITA_PRECISION when set (a site's own
+    default; the test suite sets fp32), else bf16 where `device` computes it natively, else fp32.
+    head_dtype: the precision's (HF runs lm_head under autocast; the log-softmax stays fp32).
     adapter_dtype: bf16 over an NF4 base in bf16 (TRL casts a quantized model's LoRA weights to bf16,
     as the QLoRA paper does), else fp32. So `--precision fp32` alone makes every one fp32."""
+    if precision is None and os.environ.get(PRECISION_ENV):
+        precision = os.environ[PRECISION_ENV]
+        if precision not in PRECISIONS:
+            raise AnitaError(f"${PRECISION_ENV}: expected {' or '.join(PRECISIONS)}, got {precision!r}")
     precision = precision or ("bf16" if bf16_native(device) else "fp32")
     head_dtype = head_dtype or precision
     adapter_dtype = adapter_dtype or ("bf16" if qlora and precision == "bf16" else "fp32")
@@ -56,14 +61,21 @@ def training_dtypes(device, qlora: bool, precision: str | None = None, head_dtyp
 
 def check_bf16_device(device, what: str) -> None:
     """AnitaError for bf16 on a GPU that has none (compute capability below 8.0, e.g. V100, T4), where
-    torch would emulate it many times slower. CPUs run it everywhere (natively with AVX-512/AMX), and an
-    unavailable GPU is left to `anita.runtime.parse_device`'s error."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available() and not bf16_native(device):
+    torch would emulate it many times slower. CPUs run it everywhere (natively with AVX512-BF16/AMX); a
+    bad device name or an unavailable GPU is left to `anita.runtime.parse_device`'s error."""
+    device = _device(device)
+    if device is not None and device.type == "cuda" and torch.cuda.is_available() and not bf16_native(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise AnitaError(f"{what}: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no "
                          "bf16 (it needs 8.0 or later); train in fp32: --precision fp32, with no bf16 --head-dtype "
                          "or --adapter-dtype")
+
+
+def _device(device) -> torch.device | None:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):  # not a device: `anita.runtime.parse_device` says so
+        return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -5,6 +5,8 @@ The real artifacts come from `anita.assets` (downloaded from PyPI once, cached i
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,10 @@ from anita.model import Llama, LlamaConfig, from_pretrained, save_pretrained
 # One thread: tiny-model tests are dominated by per-op overhead, which extra threads only add to
 # (and several test processes may share the two cores).
 torch.set_num_threads(1)
+# The suite's numbers are fp32's on every machine: a bare command's --precision follows the CPU (bf16 on
+# AVX512-BF16/AMX ones), so it is pinned here, for this process and the `anita` processes tests start.
+# tests/train/test_config.py unsets it to test the device's choice.
+os.environ["ANITA_PRECISION"] = "fp32"
 
 @pytest.fixture(scope="session", autouse=True)
 def tokenized_data_cache(tmp_path_factory):

@@ -29,9 +29,10 @@ _ATTENTION = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
     if hasattr(torch.ops.aten, name)}
-# bitsandbytes' fused dequantize + GEMM (its CPU path for 4-bit weights), matched by name: no import.
-_NF4_MATMULS = {"bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit"}
-_VARLEN = {"torch_attn::_varlen_attn"}  # FlashAttention's varlen op on CUDA (`anita.model.varlen`), by name
+# Ops kept, matched by name (no import): bitsandbytes' fused dequantize + GEMM (its CPU path for 4-bit
+# weights; on CUDA `anita.quant.matmul` runs dequantize + mm instead) and FlashAttention's varlen op
+# (CUDA, `anita.model.varlen`).
+_KEPT_BY_NAME = {"bitsandbytes::gemm_4bit", "bitsandbytes::gemv_4bit", "torch_attn::_varlen_attn"}
 
 
 def keep_projections(min_inner: int):
@@ -40,7 +41,7 @@ def keep_projections(min_inner: int):
     cheap element-wise work (RMSNorm, RoPE, SiLU·up, casts, residual adds, the NF4 dequantization)
     and LoRA's rank-R second matmul (R ≪ D: 2·R FLOPs per element, cheaper than keeping it)."""
     def policy(ctx, op, *args, **kwargs):
-        if op in _ATTENTION or op.name() in _NF4_MATMULS | _VARLEN:
+        if op in _ATTENTION or op.name() in _KEPT_BY_NAME:
             return CheckpointPolicy.MUST_SAVE
         if op in _MATMULS and (args[1] if op is torch.ops.aten.addmm.default else args[0]).shape[-1] >= min_inner:
             return CheckpointPolicy.MUST_SAVE

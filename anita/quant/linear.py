@@ -69,6 +69,10 @@ def resolve_backend(backend: str | None, in_features: int, blocksize: int) -> st
     return backend
 
 
+def _needs_grad(x: torch.Tensor, add: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (add is not None and add.requires_grad))
+
+
 def bnb_quant_state(s: NF4State, dtype: torch.dtype | None = None):
     """The same state as bitsandbytes' `QuantState` (it holds the same tensors under other names),
     dequantizing to `dtype` (default: the weight's original dtype)."""
@@ -171,9 +175,10 @@ class Linear4bit(nn.Module):
         if x.shape[-1] != self.in_features:
             raise AnitaError(f"Linear4bit: input has {x.shape[-1]} features in its last dim, expected {self.in_features}")
         x_c = x.to(self.compute_dtype)
-        if x.is_cuda and self.backend == "bnb":  # bnb's CUDA dequantize into a reused buffer + cuBLAS, c + x Wᵀ in one
+        if x.is_cuda and self.backend == "bnb" and _needs_grad(x, add):  # training: anita.quant.matmul
             add_c = add.to(self.compute_dtype) if add is not None else None
-            return nf4_matmul(x_c, self, add_c).to(x.dtype)
+            return nf4_matmul(x_c, self, add_c).to(x.dtype)  # c + x Wᵀ, W dequantized into a reused buffer
+        # no gradient (decoding, scoring, DPO's reference): bitsandbytes' own kernels (its 4-bit GEMV for a token)
         if self.backend == "torch":
             y = F.linear(x_c, self.dequantize())  # (..., I) @ (I, O) -> (..., O)
         else:

@@ -159,7 +159,8 @@ class TrainConfig:
 
     def __post_init__(self):
         # The dtypes left unset (None) are what a TRL user gets on this device (`anita.dtypes.training_dtypes`),
-        # fixed here so that run.json, the first line and every reader see the dtypes the run uses.
+        # fixed here so that run.json, the first line and every reader see the dtypes the run uses. (So
+        # `dataclasses.replace(cfg, device=...)` keeps them: build a new TrainConfig to choose them anew.)
         self.precision, self.head_dtype, self.adapter_dtype = training_dtypes(
             self.device, self.qlora, self.precision, self.head_dtype, self.adapter_dtype)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from anita.runtime import parse_device
@@ -85,7 +86,20 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def maybe_no_sync(module: nn.Module, skip_sync: bool):
-    """DDP's `no_sync()` (accumulate locally, communicate on the step's last micro-batch)."""
-    if skip_sync and isinstance(module, DistributedDataParallel):
+    """Accumulate locally, communicate on the step's last micro-batch: DDP's `no_sync()`, or for an
+    FSDP2-sharded model (`--fsdp`) no reduce-scatter of its gradients until sync is on again."""
+    if not skip_sync:
+        return contextlib.nullcontext()
+    if isinstance(module, DistributedDataParallel):
         return module.no_sync()
-    return contextlib.nullcontext()
+    sharded = next((m for m in module.modules() if isinstance(m, FSDPModule)), None)  # the root comes first
+    return _no_gradient_sync(sharded) if sharded is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(model):
+    model.set_requires_gradient_sync(False)  # every sharded submodule too
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

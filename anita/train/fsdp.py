@@ -101,7 +101,6 @@ def base_bytes(model: nn.Module, info: DistInfo) -> dict:
     """{"world_size", "base_bytes" (the whole base, as one process holds it without sharding),
     "base_bytes_per_rank" (what each process holds: its shards, plus the unsharded small tensors)}."""
     held = frozen_tensors(model)
-    nbytes = lambda t: t.numel() * t.element_size()
     per_rank = torch.zeros(info.world_size, dtype=torch.float64)
     per_rank[info.rank] = sum(nbytes(local(t)) for t in held)
     per_rank = all_reduce_sum(per_rank, info)  # each process filled its own entry

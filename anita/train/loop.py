@@ -294,11 +294,11 @@ def train(model: nn.Module, loss_fn: LossFn, data, cfg: TrainConfig, info: DistI
     log = MetricsLog(out / METRICS_FILE)
     torch.manual_seed(cfg.seed + info.rank)  # dropout; replaced by the checkpoint's RNG on resume
     start, last = resume_point(out, model, optimizer, scheduler, log, info)
-    # --report-to (rank 0): the trackers get every record appended from here on; resumed, from step start + 1
-    trackers = open_trackers(cfg.report_to, out, start + 1 if start else 0, cfg.to_dict()) if info.is_main else []
     module = LossModule(model, loss_fn)
     runner = module if cfg.fsdp else wrap_ddp(module, info)  # a sharded model communicates itself
     module.train()
+    # --report-to (rank 0): the trackers get every record appended from here on; resumed, from step start + 1
+    trackers = open_trackers(cfg.report_to, out, start + 1 if start else 0, cfg.to_dict()) if info.is_main else []
     with log.tracking(trackers):
         if eval_data is not None and start == 0:
             _log_eval(module, eval_data, 0, cfg, info, log)

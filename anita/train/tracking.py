@@ -99,8 +99,7 @@ def check_report_to(names: list[str] | str, source: str = "config") -> list[str]
     ([] for none); AnitaError for an unknown name or a backend whose package is not installed, so
     that a run fails on it in seconds, before any work."""
     wanted = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names)]
-    if wanted == ["none"]:
-        return []
+    wanted = [n for n in wanted if n != "none"]  # "none" alone: no tracker (transformers' spelling)
     for name in wanted:
         if name not in BACKENDS:
             raise AnitaError(f"{source}: 'report_to' must be {', '.join(BACKENDS)} (comma-separated) or none, "

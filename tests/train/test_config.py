@@ -130,6 +130,7 @@ def test_bare_dtypes_are_trls_on_a_device_with_bf16(monkeypatch):
     autocast, the head's matmuls in bf16, the NF4 base's adapters cast to bf16; the full-precision base keeps
     fp32 adapters (TRL casts only a quantized model's). The bare config is the spelled-out one field for field,
     so it runs the same code. --precision fp32 alone is the exact reference mode."""
+    monkeypatch.delenv(dtypes.PRECISION_ENV)  # the suite pins fp32 (tests/conftest.py)
     monkeypatch.setattr(dtypes, "bf16_native", lambda device: True)
     bare = parse(REQUIRED)
     assert (bare.precision, bare.head_dtype, bare.adapter_dtype) == ("bf16", "bf16", "bf16")
@@ -145,6 +146,7 @@ def test_bare_dtypes_are_trls_on_a_device_with_bf16(monkeypatch):
 def test_bare_dtypes_without_bf16_are_fp32(monkeypatch):
     """A device without native bf16 (an AVX2 CPU, a V100) defaults to fp32 throughout; bf16 asked for on a CPU
     still runs (emulated), and its head and adapters follow it."""
+    monkeypatch.delenv(dtypes.PRECISION_ENV)  # the suite pins fp32 (tests/conftest.py)
     monkeypatch.setattr(dtypes, "bf16_native", lambda device: False)
     bare = parse(REQUIRED)
     assert (bare.precision, bare.head_dtype, bare.adapter_dtype) == ("fp32", "fp32", "fp32")
@@ -152,14 +154,27 @@ def test_bare_dtypes_without_bf16_are_fp32(monkeypatch):
     assert asked.to_dict() == parse(REQUIRED + SPELLED_OUT).to_dict()
 
 
-def test_this_machines_bare_dtypes_follow_its_capability():
+def test_this_machines_bare_dtypes_follow_its_capability(monkeypatch):
+    monkeypatch.delenv(dtypes.PRECISION_ENV)
     expected = "bf16" if dtypes.bf16_native("cpu") else "fp32"
     assert parse(REQUIRED).precision == expected
+
+
+def test_anita_precision_sets_a_bare_commands_precision(monkeypatch):
+    """$ANITA_PRECISION is a site's default for a bare command; a flag still wins; a bad value is one error."""
+    monkeypatch.setattr(dtypes, "bf16_native", lambda device: False)
+    monkeypatch.setenv(dtypes.PRECISION_ENV, "bf16")
+    assert (parse(REQUIRED).precision, parse(REQUIRED).adapter_dtype) == ("bf16", "bf16")
+    assert parse(REQUIRED + ["--precision", "fp32"]).precision == "fp32"
+    monkeypatch.setenv(dtypes.PRECISION_ENV, "fp16")
+    with pytest.raises(AnitaError, match=r"\$ANITA_PRECISION: expected fp32 or bf16, got 'fp16'"):
+        parse(REQUIRED)
 
 
 def test_bf16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
     """A GPU of compute capability below 8.0 (a T4 here, faked) has no bf16: asking for it names the GPU and
     what to pass instead; its bare command trains in fp32."""
+    monkeypatch.delenv(dtypes.PRECISION_ENV)  # the suite pins fp32 (tests/conftest.py)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dtypes, "bf16_native", lambda device: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))

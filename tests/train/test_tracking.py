@@ -169,6 +169,7 @@ def test_report_to_none_and_a_missing_package(monkeypatch):
 
     pytest.importorskip("tensorboard")
     assert check_report_to(["none"]) == [] and check_report_to([]) == []
+    assert check_report_to("tensorboard,none") == ["tensorboard"]
     assert check_report_to(["TensorBoard", "tensorboard"]) == check_report_to("tensorboard") == ["tensorboard"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AnitaError, match=r"report_to trackio needs the trackio package.*pip install 'anita\[track\]'"):
