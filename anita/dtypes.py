@@ -7,7 +7,8 @@
 - A training run's `--precision` is fp32, or bf16 autocast over fp32 master weights. A bare command
   takes bf16 where the device computes it natively (`bf16_native`), as TRL trains, with the output
   head's matmuls in bf16 and, over an NF4 base, bf16 adapters (`training_dtypes`); `--precision fp32`
-  is the exact reference mode: everything in fp32.
+  is the exact reference mode: everything in fp32. `$ANITA_PRECISION` sets a bare command's precision
+  on a machine (the test suite pins fp32).
 Anything else raises `AnitaError`; nothing is guessed.
 """
 

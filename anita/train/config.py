@@ -98,7 +98,7 @@ class TrainConfig:
                                      choices=["fp32", "bf16"])
     precision: str | None = flag(None, "compute dtype: bf16 autocast over fp32 master weights, or fp32, the exact "
                                        "reference mode (the head and adapters follow it unless set); default: bf16 "
-                                       "where the device has it natively (CUDA compute capability 8+, AVX-512/AMX "
+                                       "where the device has it natively (CUDA compute capability 8+, AVX512-BF16/AMX "
                                        "CPUs), as TRL trains, else fp32",
                                  choices=list(PRECISIONS))
     checkpointing: str = flag("full", "activation checkpointing: full (recompute each block in backward), selective "
